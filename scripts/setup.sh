@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Installs loraforge and everything it needs into the current Python (3.11+).
+# torch is pinned first: an unpinned `torch` would pull a multi-GB CUDA build on a CPU machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if ! $PY -c "import torch" 2>/dev/null; then
+  $PY -m pip install -q "torch==2.13.0"
+fi
+$PY -m pip install -q -e ".[all]"
