@@ -1,0 +1,65 @@
+"""Reading and writing tensor files safely: atomic writes, clear errors, no pickle by default."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+
+def atomic_write(path: str | Path, write) -> None:
+    """Calls `write(tmp_path)` then renames the temp file onto `path`, so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    # safetensors wants contiguous tensors that share no storage; adapters are small, so copy.
+    clean = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(clean, tmp, metadata=metadata))
+
+
+def save_json(data: dict, path: str | Path) -> None:
+    text = json.dumps(data, indent=2, sort_keys=True, default=list) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def load_tensors(path: str | Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Loads a whole tensor file into memory (nothing is applied anywhere until this succeeds)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ValueError(f"{path} is not a readable safetensors file (corrupt or truncated?): {e}") from e
+    if path.suffix in (".bin", ".pt", ".pth", ".ckpt"):
+        if not allow_pickle:
+            raise ValueError(
+                f"{path} is a pickle file, which can run arbitrary code when loaded; loraforge reads safetensors. "
+                "Pass allow_pickle=True (CLI: --allow-pickle) if you trust it; it is then read with weights_only=True."
+            )
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"{path} could not be read as a weights-only torch file: {e}") from e
+        if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+            raise ValueError(f"{path} does not hold a flat dict of tensors")
+        return data
+    raise ValueError(f"{path}: unknown weight file type {path.suffix!r} (expected .safetensors)")

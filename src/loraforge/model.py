@@ -1,0 +1,427 @@
+"""`LoraModel`: a frozen base model with named LoRA adapters, and PEFT's methods to drive them.
+
+    model = get_lora_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    model.print_trainable_parameters()
+    ... train ...
+    model.save_pretrained("out/adapter")          # PEFT's files
+    merged = model.merge_and_unload()              # plain base model with W' = W + scale * B @ A
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from loraforge.config import LoraConfig, name_matches
+from loraforge.layers import LoraLayer, TrainableCopy, is_gpt2_conv1d, supported, wrap
+
+BASE_ROW = "__base__"  # adapter name meaning "no adapter" for a row of a mixed batch
+
+
+class LoraModel(nn.Module):
+    """Wraps a model; forwards to it. Attributes it does not have are looked up on the base model.
+
+    Args:
+        model: Any PyTorch model. Its modules are replaced in place by LoRA wrappers.
+        config: Configuration of the first adapter, or None for a model with no adapter yet.
+        adapter_name: Name of the first adapter. Default ``"default"``.
+    """
+
+    def __init__(self, model: nn.Module, config: LoraConfig | None = None, adapter_name: str = "default"):
+        super().__init__()
+        self.model = model
+        self.peft_config: dict[str, LoraConfig] = {}
+        self.active_adapters: list[str] = []
+        self.adapter_weights: list[float] = []
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        if config is not None:
+            self.add_adapter(adapter_name, config)
+            self.set_adapter(adapter_name)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    # -- forward -----------------------------------------------------------------------------------
+
+    def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        """Calls the base model. `adapter_names` gives one adapter (or ``"__base__"``) per batch row."""
+        if adapter_names is None:
+            return self.model(*args, **kwargs)
+        with self._mixed_batch(adapter_names):
+            return self.model(*args, **kwargs)
+
+    def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        if adapter_names is None:
+            return self.model.generate(*args, **kwargs)
+        with self._mixed_batch(adapter_names):
+            return self.model.generate(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _mixed_batch(self, adapter_names: list[str]):
+        for name in adapter_names:
+            if name != BASE_ROW:
+                self._check_exists(name)
+        if any(layer.merged for layer in self.lora_layers()):
+            raise RuntimeError("mixed-batch inference needs unmerged adapters; call unmerge_adapter() first")
+        slots = sorted(set(adapter_names), key=adapter_names.index)
+        device = next(self.model.parameters()).device
+        index = torch.tensor([slots.index(n) for n in adapter_names], device=device)
+        slot_names = [None if n == BASE_ROW else n for n in slots]
+        layers = self.lora_layers()
+        for layer in layers:
+            layer.batch_slots, layer.batch_index = slot_names, index
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.batch_slots = layer.batch_index = None
+
+    # -- modules -----------------------------------------------------------------------------------
+
+    def lora_layers(self) -> list[LoraLayer]:
+        return [m for m in self.model.modules() if isinstance(m, LoraLayer)]
+
+    def _named_lora_layers(self):
+        return [(n, m) for n, m in self.model.named_modules() if isinstance(m, LoraLayer)]
+
+    def _trainable_copies(self) -> list[TrainableCopy]:
+        return [m for m in self.model.modules() if isinstance(m, TrainableCopy)]
+
+    def _plain_modules(self):
+        """(name, module) of the base model as the user knows it: wrappers count as their base layer."""
+        inner = set()
+        for _, m in self.model.named_modules():
+            if isinstance(m, LoraLayer | TrainableCopy):
+                inner.update(id(x) for x in m.modules() if x is not m)
+        for name, m in self.model.named_modules():
+            if id(m) in inner or not name:
+                continue
+            if isinstance(m, LoraLayer):
+                yield name, m.base_layer
+            elif isinstance(m, TrainableCopy):
+                yield name, m.original_module
+            else:
+                yield name, m
+
+    def find_targets(self, config: LoraConfig) -> list[str]:
+        """Names of the modules `config` adapts in this model; an error if there are none."""
+        head = self._output_head_name()
+        targets, unsupported = [], []
+        for name, module in self._plain_modules():
+            if not _targeted(name, module, config, head):
+                continue
+            if config.modules_to_save and any(name_matches(name, k) for k in config.modules_to_save):
+                continue
+            if supported(module):
+                targets.append(name)
+            elif config.target_modules != "all-linear" and not list(module.children()):
+                unsupported.append(f"{name} ({type(module).__name__})")
+        if unsupported:
+            raise ValueError(
+                "target_modules matched layers loraforge cannot adapt (supported: Linear, Conv1d, Conv2d, "
+                f"Embedding, GPT-2 Conv1D): {', '.join(unsupported[:5])}"
+            )
+        if not targets:
+            sample = sorted({name.split(".")[-1] for name, m in self._plain_modules() if supported(m)})
+            raise ValueError(
+                f"target_modules={config.target_modules!r} matched no module of {type(self.model).__name__}. "
+                f"Adaptable module names in this model include: {', '.join(sample[:25])}"
+            )
+        return targets
+
+    def _output_head_name(self) -> str | None:
+        get = getattr(self.model, "get_output_embeddings", None)
+        head = get() if callable(get) else None
+        for name, module in self._plain_modules():
+            if module is head:
+                return name
+        return None
+
+    def _module(self, name: str) -> nn.Module:
+        return self.model.get_submodule(name)
+
+    def _replace(self, name: str, new: nn.Module):
+        parent_name, _, child = name.rpartition(".")
+        parent = self.model.get_submodule(parent_name) if parent_name else self.model
+        setattr(parent, child, new)
+
+    # -- adapters ----------------------------------------------------------------------------------
+
+    def add_adapter(self, adapter_name: str, config: LoraConfig):
+        """Adds a new adapter (not yet active). The model is unchanged if this raises."""
+        if not isinstance(config, LoraConfig):
+            raise TypeError(f"config must be a LoraConfig, got {type(config).__name__}")
+        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name or adapter_name == BASE_ROW:
+            raise ValueError(f"invalid adapter name {adapter_name!r}: a non-empty string without dots, not {BASE_ROW!r}")
+        if adapter_name in self.peft_config:
+            raise ValueError(f"an adapter named {adapter_name!r} already exists; pick another name or delete it")
+        targets = self.find_targets(config)
+        save_names = self._find_modules_to_save(config)
+        for name in targets:
+            module = self._module(name)
+            if not isinstance(module, LoraLayer):
+                if isinstance(module, TrainableCopy):
+                    raise ValueError(f"{name} is in modules_to_save of another adapter and cannot also get LoRA")
+                module = wrap(module)
+                self._replace(name, module)
+            module.add_adapter(
+                adapter_name,
+                r=config.rank_for(name),
+                lora_alpha=config.alpha_for(name),
+                lora_dropout=config.lora_dropout,
+                init=config.init_lora_weights,
+                use_rslora=config.use_rslora,
+            )
+        for name in save_names:
+            module = self._module(name)
+            if not isinstance(module, TrainableCopy):
+                module = TrainableCopy(module)
+                self._replace(name, module)
+            module.add_adapter(adapter_name)
+        config.target_modules = _compact_targets(targets, config.target_modules)
+        if config.base_model_name_or_path is None:
+            config.base_model_name_or_path = getattr(getattr(self.model, "config", None), "_name_or_path", None) or None
+        self.peft_config[adapter_name] = config
+        self._mark_trainable()
+
+    def _find_modules_to_save(self, config: LoraConfig) -> list[str]:
+        if not config.modules_to_save:
+            return []
+        found = [n for n, _ in self._plain_modules() if any(name_matches(n, k) for k in config.modules_to_save)]
+        # Keep only outermost matches (a head and its own children would otherwise both be copied).
+        found = [n for n in found if not any(n.startswith(o + ".") for o in found if o != n)]
+        if not found:
+            raise ValueError(f"modules_to_save={config.modules_to_save!r} matched no module")
+        return found
+
+    def _check_exists(self, name: str):
+        if name not in self.peft_config:
+            raise ValueError(f"unknown adapter {name!r}; this model has: {', '.join(self.peft_config) or 'none'}")
+
+    def set_adapter(self, adapter_name: str | list[str]):
+        """Makes this adapter (or these adapters, each at weight 1) the active, trainable one(s)."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        self.set_adapters(names, [1.0] * len(names))
+
+    def set_adapters(self, adapter_names: list[str], weights: list[float] | None = None):
+        """Activates several adapters at once, each scaled by its weight (default 1.0)."""
+        if isinstance(adapter_names, str):
+            adapter_names = [adapter_names]
+        weights = [1.0] * len(adapter_names) if weights is None else list(weights)
+        if len(weights) != len(adapter_names):
+            raise ValueError(f"set_adapters got {len(adapter_names)} adapters but {len(weights)} weights")
+        if len(set(adapter_names)) != len(adapter_names):
+            raise ValueError(f"set_adapters got a name twice: {adapter_names}")
+        for name in adapter_names:
+            self._check_exists(name)
+        if any(layer.merged for layer in self.lora_layers()):
+            raise RuntimeError("unmerge the merged adapters before changing the active ones")
+        self.active_adapters, self.adapter_weights = list(adapter_names), [float(w) for w in weights]
+        pairs = list(zip(self.active_adapters, self.adapter_weights))
+        for layer in self.lora_layers():
+            layer.active = [(n, w) for n, w in pairs if n in layer.lora_A]
+        for copy in self._trainable_copies():
+            copy.active = next((n for n in adapter_names if n in copy.modules_to_save), None)
+        self._mark_trainable()
+
+    @property
+    def active_adapter(self) -> str:
+        return self.active_adapters[0] if len(self.active_adapters) == 1 else self.active_adapters
+
+    def _mark_trainable(self):
+        active = set(self.active_adapters)
+        for layer in self.lora_layers():
+            for store in (layer.lora_A, layer.lora_B):
+                for name, p in store.items():
+                    p.requires_grad_(name in active)
+        for copy in self._trainable_copies():
+            for name, module in copy.modules_to_save.items():
+                module.requires_grad_(name in active)
+        biases = {c.bias for n in active for c in [self.peft_config[n]] if c.bias != "none"}
+        for name, p in self.model.named_parameters():
+            if name.endswith("bias") and "lora_" not in name and "modules_to_save" not in name:
+                in_lora = ".base_layer." in name
+                p.requires_grad_("all" in biases or ("lora_only" in biases and in_lora))
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """Context manager: inside it the model computes as the bare base model."""
+        layers, copies = self.lora_layers(), self._trainable_copies()
+        if any(layer.merged for layer in layers):
+            raise RuntimeError("cannot disable merged adapters; call unmerge_adapter() first")
+        for m in layers + copies:
+            m.disabled = True
+        try:
+            yield
+        finally:
+            for m in layers + copies:
+                m.disabled = False
+
+    def delete_adapter(self, adapter_name: str):
+        self._check_exists(adapter_name)
+        for name, layer in self._named_lora_layers():
+            if adapter_name in layer.lora_A:
+                layer.delete_adapter(adapter_name)
+                if not layer.lora_A:
+                    self._replace(name, layer.base_layer)
+        for name, copy in [(n, m) for n, m in self.model.named_modules() if isinstance(m, TrainableCopy)]:
+            if adapter_name in copy.modules_to_save:
+                copy.delete_adapter(adapter_name)
+                if not copy.modules_to_save:
+                    self._replace(name, copy.original_module)
+        del self.peft_config[adapter_name]
+        if adapter_name in self.active_adapters:
+            i = self.active_adapters.index(adapter_name)
+            del self.active_adapters[i], self.adapter_weights[i]
+        self._mark_trainable()
+
+    # -- merging -----------------------------------------------------------------------------------
+
+    def merge_adapter(self, adapter_names: list[str] | None = None):
+        """Adds the active adapters (or those named, at weight 1) into the base weights."""
+        if adapter_names is None:
+            pairs = list(zip(self.active_adapters, self.adapter_weights))
+        else:
+            for name in adapter_names:
+                self._check_exists(name)
+            pairs = [(n, 1.0) for n in adapter_names]
+        for layer in self.lora_layers():
+            layer.merge(pairs)
+
+    def unmerge_adapter(self):
+        for layer in self.lora_layers():
+            layer.unmerge()
+
+    def merge_and_unload(self, adapter_names: list[str] | None = None) -> nn.Module:
+        """Merges the active adapters into the weights and returns the plain base model."""
+        self.merge_adapter(adapter_names)
+        return self._unwrap(keep_copies=True)
+
+    def unload(self) -> nn.Module:
+        """Removes every adapter without merging and returns the plain base model."""
+        self.unmerge_adapter()
+        return self._unwrap(keep_copies=False)
+
+    def _unwrap(self, keep_copies: bool) -> nn.Module:
+        for name, layer in self._named_lora_layers():
+            self._replace(name, layer.base_layer)
+        for name, copy in [(n, m) for n, m in self.model.named_modules() if isinstance(m, TrainableCopy)]:
+            use = copy.modules_to_save[copy.active] if keep_copies and copy.active else copy.original_module
+            self._replace(name, use)
+        self.peft_config.clear()
+        self.active_adapters, self.adapter_weights = [], []
+        return self.model
+
+    def add_weighted_adapter(self, adapters, weights, adapter_name, combination_type="svd", **kwargs):
+        """Creates adapter `adapter_name` from a weighted combination of existing ones (see combine.py)."""
+        from loraforge.combine import add_weighted_adapter
+
+        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, **kwargs)
+
+    # -- parameters --------------------------------------------------------------------------------
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = total = 0
+        for p in self.parameters():
+            n = p.numel()
+            total += n
+            if p.requires_grad:
+                trainable += n
+        return trainable, total
+
+    def print_trainable_parameters(self):
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # -- files -------------------------------------------------------------------------------------
+
+    def save_pretrained(self, save_directory: str | Path, selected_adapters: list[str] | None = None):
+        """Writes PEFT's files: `default` at the top, any other adapter in a sub-folder of its name."""
+        from loraforge.formats.peft import save_adapter
+
+        for name in selected_adapters or list(self.peft_config):
+            self._check_exists(name)
+            target = Path(save_directory) if name == "default" else Path(save_directory) / name
+            save_adapter(self, name, target)
+
+    def load_adapter(self, directory: str | Path, adapter_name: str = "default", is_trainable: bool = False, allow_pickle: bool = False):
+        """Loads a PEFT-format adapter as `adapter_name`; on any error the model is left as it was."""
+        from loraforge.formats.peft import load_adapter
+
+        load_adapter(self, directory, adapter_name, allow_pickle=allow_pickle)
+        if is_trainable:
+            self._mark_trainable()
+        else:
+            for layer in self.lora_layers():
+                if adapter_name in layer.lora_A:
+                    layer.lora_A[adapter_name].requires_grad_(False)
+                    layer.lora_B[adapter_name].requires_grad_(False)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, directory: str | Path, adapter_name: str = "default", is_trainable: bool = False, allow_pickle: bool = False) -> LoraModel:
+        """Wraps `model` and loads the adapter in `directory` as the active adapter."""
+        lora_model = model if isinstance(model, LoraModel) else cls(model)
+        lora_model.load_adapter(directory, adapter_name, is_trainable=is_trainable, allow_pickle=allow_pickle)
+        lora_model.set_adapter(adapter_name)
+        if not is_trainable:
+            for p in lora_model.parameters():
+                p.requires_grad_(False)
+        return lora_model
+
+
+def get_lora_model(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> LoraModel:
+    """Puts a new adapter on `model` (frozen) and returns the `LoraModel` driving it."""
+    return LoraModel(model, config, adapter_name)
+
+
+def _layer_index(name: str, pattern) -> int | None:
+    if pattern:
+        patterns = [pattern] if isinstance(pattern, str) else list(pattern)
+        m = re.search(rf"(?:^|\.)(?:{'|'.join(map(re.escape, patterns))})\.(\d+)(?:\.|$)", name)
+    else:
+        m = re.search(r"\.(\d+)(?:\.|$)", name)
+    return int(m.group(1)) if m else None
+
+
+def _targeted(name: str, module: nn.Module, config: LoraConfig, head: str | None) -> bool:
+    targets = config.target_modules
+    if targets is None:
+        raise ValueError("LoraConfig.target_modules is required: name the modules to adapt, or use 'all-linear'")
+    if targets == "all-linear":
+        hit = (isinstance(module, nn.Linear) or is_gpt2_conv1d(module)) and name != head
+    elif isinstance(targets, str):
+        hit = re.fullmatch(targets, name) is not None
+    else:
+        hit = any(name == t or name.endswith("." + t) for t in targets)
+    if not hit:
+        return False
+    excluded = config.exclude_modules
+    if excluded is not None:
+        if isinstance(excluded, str):
+            if re.fullmatch(excluded, name):
+                return False
+        elif any(name == t or name.endswith("." + t) for t in excluded):
+            return False
+    if config.layers_to_transform is not None:
+        idx = _layer_index(name, config.layers_pattern)
+        if idx is None or idx not in config.layers_to_transform:
+            return False
+    return True
+
+
+def _compact_targets(targets: list[str], spec):
+    """What to record as target_modules in the file: the user's regex as given, else the shortest
+    list of name suffixes that selects the same modules (PEFT stores 'all-linear' expanded likewise)."""
+    if spec != "all-linear":
+        return spec
+    return sorted({t.split(".")[-1] for t in targets})
