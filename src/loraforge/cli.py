@@ -1,0 +1,83 @@
+"""The `loraforge` command line. Each subcommand lives in the module that does its work and exposes
+`add_arguments(parser)` and `run(args) -> int`; modules are imported only when their command runs, so
+`loraforge --help` stays instant.
+
+    loraforge bases                                   # embedded base models
+    loraforge train [--config run.yaml] [--key value ...]
+    loraforge generate --adapter out/adapter --prompt "..."
+    loraforge merge --adapter A:0.7 --adapter B:0.3 --out merged/
+    loraforge mix A:0.7 B:0.3 --method svd --out mixed/
+    loraforge inspect out/adapter
+    loraforge train-image / generate-image            # Stable Diffusion
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "bases": ("loraforge.tools", "bases", "list the embedded base models"),
+    "train": ("loraforge.train.text", None, "fine-tune a language model with LoRA"),
+    "generate": ("loraforge.infer.text", None, "generate text with one or more adapters"),
+    "eval-text": ("loraforge.eval.text", None, "measure an adapter on the held-out example task"),
+    "merge": ("loraforge.tools", "merge", "merge adapters into a standalone transformers model"),
+    "mix": ("loraforge.tools", "mix", "combine adapters into a new adapter file"),
+    "inspect": ("loraforge.tools", "inspect", "describe an adapter file"),
+    "train-image": ("loraforge.train.image", None, "teach a Stable Diffusion pipeline a style or subject"),
+    "generate-image": ("loraforge.infer.image", None, "generate images with one or more adapters"),
+    "eval-style": ("loraforge.eval.style", None, "measure how far generated images moved toward a style"),
+}
+
+
+class CliError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+def _load(command: str):
+    module_name, prefix, _ = COMMANDS[command]
+    module = importlib.import_module(module_name)
+    if prefix:
+        return getattr(module, f"{prefix}_arguments"), getattr(module, f"{prefix}_run")
+    return module.add_arguments, module.run
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="loraforge", description="LoRA fine-tuning for language and image models.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, _, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        parser.print_help() if not argv or argv[0] in ("-h", "--help") else parser.parse_args(argv[:1])
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    command = argv[0]
+    add_arguments, run = _load(command)
+    command_parser = argparse.ArgumentParser(prog=f"loraforge {command}", description=COMMANDS[command][2])
+    add_arguments(command_parser)
+    args = command_parser.parse_args(argv[1:])
+    try:
+        return run(args) or 0
+    except (CliError, ValueError, FileNotFoundError) as e:
+        print(f"loraforge {command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"loraforge {command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def parse_adapter_spec(spec: str) -> tuple[str, float]:
+    """`PATH[:WEIGHT]` -> (path, weight). A Windows drive letter or a path with colons keeps working
+    because only a trailing `:number` is taken as the weight."""
+    path, sep, weight = spec.rpartition(":")
+    if sep and path:
+        try:
+            return path, float(weight)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
