@@ -45,7 +45,9 @@ def _load(command: str):
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="loraforge", description="LoRA fine-tuning for language and image models.")
+    parser = argparse.ArgumentParser(
+        prog="loraforge", description="LoRA fine-tuning for language and image models."
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, _, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)

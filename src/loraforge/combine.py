@@ -36,20 +36,28 @@ def add_weighted_adapter(
     if combination_type not in METHODS:
         raise ValueError(f"combination_type must be one of {METHODS}, got {combination_type!r}")
     if len(adapters) != len(weights) or not adapters:
-        raise ValueError(f"add_weighted_adapter needs one weight per adapter (got {len(adapters)} adapters, {len(weights)} weights)")
+        raise ValueError(
+            f"add_weighted_adapter needs one weight per adapter (got {len(adapters)} adapters, {len(weights)} weights)"
+        )
     for name in adapters:
         model._check_exists(name)
     if adapter_name in model.peft_config:
         raise ValueError(f"an adapter named {adapter_name!r} already exists")
     if not 0 < density <= 1:
         raise ValueError(f"density must be in (0, 1], got {density}")
-    layers = [(n, m) for n, m in model.model.named_modules() if isinstance(m, LoraLayer) and any(a in m.lora_A for a in adapters)]
+    layers = [
+        (n, m)
+        for n, m in model.model.named_modules()
+        if isinstance(m, LoraLayer) and any(a in m.lora_A for a in adapters)
+    ]
     if any(m.merged for _, m in layers):
         raise RuntimeError("unmerge adapters before combining them")
     if combination_type == "linear":
         ranks = {m.r[a] for _, m in layers for a in adapters if a in m.lora_A}
         if len(ranks) > 1:
-            raise ValueError(f"combination_type='linear' needs adapters of one rank, got ranks {sorted(ranks)}; use 'cat' or 'svd'")
+            raise ValueError(
+                f"combination_type='linear' needs adapters of one rank, got ranks {sorted(ranks)}; use 'cat' or 'svd'"
+            )
     generator = torch.Generator().manual_seed(seed)
 
     new_tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -61,7 +69,10 @@ def add_weighted_adapter(
                 B = torch.cat([layer.lora_B[a] * (w * layer.scaling[a]) for a, w in present], 1)
             elif combination_type == "linear":
                 A = sum(layer.lora_A[a] * (abs(w) * layer.scaling[a]) ** 0.5 for a, w in present)
-                B = sum(layer.lora_B[a] * (abs(w) * layer.scaling[a]) ** 0.5 * (1 if w >= 0 else -1) for a, w in present)
+                B = sum(
+                    layer.lora_B[a] * (abs(w) * layer.scaling[a]) ** 0.5 * (1 if w >= 0 else -1)
+                    for a, w in present
+                )
             else:
                 deltas = [layer.delta(a).float() * w for a, w in present]
                 if combination_type == "ties":

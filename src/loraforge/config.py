@@ -75,7 +75,11 @@ class LoraConfig:
 
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             fail("r", "must be a positive integer")
-        if not isinstance(self.lora_alpha, int | float) or isinstance(self.lora_alpha, bool) or self.lora_alpha <= 0:
+        if (
+            not isinstance(self.lora_alpha, int | float)
+            or isinstance(self.lora_alpha, bool)
+            or self.lora_alpha <= 0
+        ):
             fail("lora_alpha", "must be a positive number")
         if not isinstance(self.lora_dropout, int | float) or not 0 <= self.lora_dropout < 1:
             fail("lora_dropout", "must be in [0, 1)")
@@ -96,7 +100,8 @@ class LoraConfig:
         if self.bias not in BIAS_CHOICES:
             fail("bias", f"must be one of {BIAS_CHOICES}")
         if self.modules_to_save is not None and (
-            not isinstance(self.modules_to_save, list) or not all(isinstance(m, str) for m in self.modules_to_save)
+            not isinstance(self.modules_to_save, list)
+            or not all(isinstance(m, str) for m in self.modules_to_save)
         ):
             fail("modules_to_save", "must be a list of module names")
         if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):

@@ -22,7 +22,11 @@ from torch import nn
 
 def is_gpt2_conv1d(module: nn.Module) -> bool:
     """transformers' GPT-2 `Conv1D` (a linear layer whose weight is stored (in, out))."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+    return (
+        type(module).__name__ == "Conv1D"
+        and hasattr(module, "nf")
+        and getattr(module, "weight", None) is not None
+    )
 
 
 def supported(module: nn.Module) -> bool:
@@ -96,7 +100,9 @@ class LoraLayer(nn.Module):
             nn.init.zeros_(B)
 
     def _pissa_init(self, name: str):
-        raise ValueError(f"init_lora_weights='pissa' supports linear layers only, not {type(self.base_layer).__name__}")
+        raise ValueError(
+            f"init_lora_weights='pissa' supports linear layers only, not {type(self.base_layer).__name__}"
+        )
 
     def delete_adapter(self, name: str):
         if name in self.merged:
@@ -179,8 +185,14 @@ class LoraLayer(nn.Module):
         As, Bs = [], []
         for i, n in enumerate(slots):
             if n in self.lora_A:
-                As.append(F.pad(self.lora_A[n].flatten(1), (0, 0, 0, r_max - self.r[n])).view(self.a_shape(r_max)))
-                Bs.append(F.pad(self.lora_B[n].flatten(1) * self.scaling[n], (0, r_max - self.r[n])).view(self.b_shape(r_max)))
+                As.append(
+                    F.pad(self.lora_A[n].flatten(1), (0, 0, 0, r_max - self.r[n])).view(self.a_shape(r_max))
+                )
+                Bs.append(
+                    F.pad(self.lora_B[n].flatten(1) * self.scaling[n], (0, r_max - self.r[n])).view(
+                        self.b_shape(r_max)
+                    )
+                )
             else:
                 As.append(A[i])
                 Bs.append(B[i])
@@ -223,9 +235,13 @@ class LoraLinear(LoraLayer):
         if isinstance(result, torch.Tensor) and result.dtype == A.dtype:
             # One fused multiply-add of the rank-r product into the base output (no extra kernels for
             # scaling and addition, no copy of x).
-            out = torch.addmm(result.reshape(-1, self.out_features), h.reshape(-1, self.in_features) @ A.T, B.T, alpha=scale)
+            out = torch.addmm(
+                result.reshape(-1, self.out_features), h.reshape(-1, self.in_features) @ A.T, B.T, alpha=scale
+            )
             return out.view(result.shape)
-        return result + ((h @ A.T) @ B.T * scale).to(result.dtype if isinstance(result, torch.Tensor) else B.dtype)
+        return result + ((h @ A.T) @ B.T * scale).to(
+            result.dtype if isinstance(result, torch.Tensor) else B.dtype
+        )
 
     def _mixed_forward(self, x):
         A, B = self.stacked()  # (slots, r, in), (slots, out, r)

@@ -1,10 +1,10 @@
 """`LoraModel`: a frozen base model with named LoRA adapters, and PEFT's methods to drive them.
 
-    model = get_lora_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
-    model.print_trainable_parameters()
-    ... train ...
-    model.save_pretrained("out/adapter")          # PEFT's files
-    merged = model.merge_and_unload()              # plain base model with W' = W + scale * B @ A
+model = get_lora_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+model.print_trainable_parameters()
+... train ...
+model.save_pretrained("out/adapter")          # PEFT's files
+merged = model.merge_and_unload()              # plain base model with W' = W + scale * B @ A
 """
 
 from __future__ import annotations
@@ -161,17 +161,32 @@ class LoraModel(nn.Module):
         """Adds a new adapter (not yet active). The model is unchanged if this raises."""
         if not isinstance(config, LoraConfig):
             raise TypeError(f"config must be a LoraConfig, got {type(config).__name__}")
-        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name or adapter_name == BASE_ROW:
-            raise ValueError(f"invalid adapter name {adapter_name!r}: a non-empty string without dots, not {BASE_ROW!r}")
+        if (
+            not isinstance(adapter_name, str)
+            or not adapter_name
+            or "." in adapter_name
+            or adapter_name == BASE_ROW
+        ):
+            raise ValueError(
+                f"invalid adapter name {adapter_name!r}: a non-empty string without dots, not {BASE_ROW!r}"
+            )
         if adapter_name in self.peft_config:
-            raise ValueError(f"an adapter named {adapter_name!r} already exists; pick another name or delete it")
+            raise ValueError(
+                f"an adapter named {adapter_name!r} already exists; pick another name or delete it"
+            )
+        if hasattr(nn.ParameterDict(), adapter_name):
+            raise ValueError(
+                f"invalid adapter name {adapter_name!r}: it clashes with a torch.nn.Module attribute"
+            )
         targets = self.find_targets(config)
         save_names = self._find_modules_to_save(config)
         for name in targets:
             module = self._module(name)
             if not isinstance(module, LoraLayer):
                 if isinstance(module, TrainableCopy):
-                    raise ValueError(f"{name} is in modules_to_save of another adapter and cannot also get LoRA")
+                    raise ValueError(
+                        f"{name} is in modules_to_save of another adapter and cannot also get LoRA"
+                    )
                 module = wrap(module)
                 self._replace(name, module)
             module.add_adapter(
@@ -190,14 +205,18 @@ class LoraModel(nn.Module):
             module.add_adapter(adapter_name)
         config.target_modules = _compact_targets(targets, config.target_modules)
         if config.base_model_name_or_path is None:
-            config.base_model_name_or_path = getattr(getattr(self.model, "config", None), "_name_or_path", None) or None
+            config.base_model_name_or_path = (
+                getattr(getattr(self.model, "config", None), "_name_or_path", None) or None
+            )
         self.peft_config[adapter_name] = config
         self._mark_trainable()
 
     def _find_modules_to_save(self, config: LoraConfig) -> list[str]:
         if not config.modules_to_save:
             return []
-        found = [n for n, _ in self._plain_modules() if any(name_matches(n, k) for k in config.modules_to_save)]
+        found = [
+            n for n, _ in self._plain_modules() if any(name_matches(n, k) for k in config.modules_to_save)
+        ]
         # Keep only outermost matches (a head and its own children would otherwise both be copied).
         found = [n for n in found if not any(n.startswith(o + ".") for o in found if o != n)]
         if not found:
@@ -206,7 +225,9 @@ class LoraModel(nn.Module):
 
     def _check_exists(self, name: str):
         if name not in self.peft_config:
-            raise ValueError(f"unknown adapter {name!r}; this model has: {', '.join(self.peft_config) or 'none'}")
+            raise ValueError(
+                f"unknown adapter {name!r}; this model has: {', '.join(self.peft_config) or 'none'}"
+            )
 
     def set_adapter(self, adapter_name: str | list[str]):
         """Makes this adapter (or these adapters, each at weight 1) the active, trainable one(s)."""
@@ -341,7 +362,9 @@ class LoraModel(nn.Module):
 
     def print_trainable_parameters(self):
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        )
 
     # -- files -------------------------------------------------------------------------------------
 
@@ -354,7 +377,13 @@ class LoraModel(nn.Module):
             target = Path(save_directory) if name == "default" else Path(save_directory) / name
             save_adapter(self, name, target)
 
-    def load_adapter(self, directory: str | Path, adapter_name: str = "default", is_trainable: bool = False, allow_pickle: bool = False):
+    def load_adapter(
+        self,
+        directory: str | Path,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        allow_pickle: bool = False,
+    ):
         """Loads a PEFT-format adapter as `adapter_name`; on any error the model is left as it was."""
         from loraforge.formats.peft import load_adapter
 
@@ -368,7 +397,14 @@ class LoraModel(nn.Module):
                     layer.lora_B[adapter_name].requires_grad_(False)
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, directory: str | Path, adapter_name: str = "default", is_trainable: bool = False, allow_pickle: bool = False) -> LoraModel:
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        directory: str | Path,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        allow_pickle: bool = False,
+    ) -> LoraModel:
         """Wraps `model` and loads the adapter in `directory` as the active adapter."""
         lora_model = model if isinstance(model, LoraModel) else cls(model)
         lora_model.load_adapter(directory, adapter_name, is_trainable=is_trainable, allow_pickle=allow_pickle)
@@ -396,7 +432,9 @@ def _layer_index(name: str, pattern) -> int | None:
 def _targeted(name: str, module: nn.Module, config: LoraConfig, head: str | None) -> bool:
     targets = config.target_modules
     if targets is None:
-        raise ValueError("LoraConfig.target_modules is required: name the modules to adapt, or use 'all-linear'")
+        raise ValueError(
+            "LoraConfig.target_modules is required: name the modules to adapt, or use 'all-linear'"
+        )
     if targets == "all-linear":
         hit = (isinstance(module, nn.Linear) or is_gpt2_conv1d(module)) and name != head
     elif isinstance(targets, str):

@@ -28,7 +28,9 @@ def atomic_write(path: str | Path, write) -> None:
         raise
 
 
-def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+def save_tensors(
+    tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+) -> None:
     # safetensors wants contiguous tensors that share no storage; adapters are small, so copy.
     clean = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
     atomic_write(path, lambda tmp: save_file(clean, tmp, metadata=metadata))

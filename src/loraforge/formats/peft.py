@@ -43,7 +43,9 @@ def adapter_state_dict(model, adapter_name: str) -> dict[str, torch.Tensor]:
     if config.bias == "all":
         for pname, p in model.model.named_parameters():
             if pname.endswith("bias") and "lora_" not in pname and "modules_to_save" not in pname:
-                out.setdefault(f"{PREFIX}{pname.replace('.base_layer', '').replace('.original_module', '')}", p)
+                out.setdefault(
+                    f"{PREFIX}{pname.replace('.base_layer', '').replace('.original_module', '')}", p
+                )
     return out
 
 
@@ -58,7 +60,9 @@ def save_adapter(model, adapter_name: str, directory: str | Path) -> None:
     save_json(data, directory / CONFIG_NAME)
 
 
-def read_adapter(directory: str | Path, allow_pickle: bool = False) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+def read_adapter(
+    directory: str | Path, allow_pickle: bool = False
+) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"adapter directory not found: {directory}")
@@ -92,7 +96,9 @@ def load_adapter(model, directory: str | Path, adapter_name: str, allow_pickle: 
             )
     missing = [k for k in expected if k not in tensors and ("lora_" in k)]
     if missing:
-        raise ValueError(f"adapter in {directory} lacks weights for {missing[0]!r} (and {len(missing) - 1} more)")
+        raise ValueError(
+            f"adapter in {directory} lacks weights for {missing[0]!r} (and {len(missing) - 1} more)"
+        )
     model.add_adapter(adapter_name, config)
     try:
         _apply(model, adapter_name, tensors)
@@ -115,6 +121,14 @@ def _expected_shapes(model, config: LoraConfig) -> dict[str, tuple[int, ...]]:
         bias = getattr(layer.base_layer, "bias", None)
         if bias is not None:
             shapes[f"{PREFIX}{name}.bias"] = tuple(bias.shape)
+        if isinstance(layer, LoraEmbedding):
+            # PEFT also saves targeted embedding matrices in full (they may have been resized).
+            shapes[f"{PREFIX}{name}.base_layer.weight"] = tuple(layer.base_layer.weight.shape)
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        module = getattr(model.model, getter, lambda: None)()
+        for name, m in model._plain_modules():
+            if module is not None and m is module and getattr(m, "weight", None) is not None:
+                shapes[f"{PREFIX}{name}.weight"] = tuple(m.weight.shape)
     for name in model._find_modules_to_save(config):
         module = model.model.get_submodule(name)
         source = module.original_module if isinstance(module, TrainableCopy) else module
@@ -123,7 +137,10 @@ def _expected_shapes(model, config: LoraConfig) -> dict[str, tuple[int, ...]]:
     if config.bias == "all":
         for pname, p in model.model.named_parameters():
             if pname.endswith("bias") and "lora_" not in pname and "modules_to_save" not in pname:
-                shapes.setdefault(f"{PREFIX}{pname.replace('.base_layer', '').replace('.original_module', '')}", tuple(p.shape))
+                shapes.setdefault(
+                    f"{PREFIX}{pname.replace('.base_layer', '').replace('.original_module', '')}",
+                    tuple(p.shape),
+                )
     return shapes
 
 
@@ -139,9 +156,14 @@ def _apply(model, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:
             prefix = f"{PREFIX}{name}."
             state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
             copy.load_state_dict(state, strict=False)
-    # Biases are base weights shared by all adapters: they are written only when the file has them.
-    params = {PREFIX + n.replace(".base_layer", "").replace(".original_module", ""): p for n, p in model.model.named_parameters()}
+    # Biases and full embedding matrices are base weights shared by all adapters: they are written
+    # only when the file has them (PEFT saves them with bias != "none" or a targeted embedding).
+    params = {
+        PREFIX + n.replace(".base_layer", "").replace(".original_module", ""): p
+        for n, p in model.model.named_parameters()
+    }
+    copies = [f"{PREFIX}{n}." for n, m in model.model.named_modules() if isinstance(m, TrainableCopy)]
     for key, tensor in tensors.items():
-        if key.endswith(".bias") and "lora_" not in key and key in params and "modules_to_save" not in key:
-            if not any(key.startswith(f"{PREFIX}{n}.") for n, m in model.model.named_modules() if isinstance(m, TrainableCopy)):
-                params[key].copy_(tensor)
+        key = key.replace(".base_layer", "")
+        if "lora_" not in key and key in params and not any(key.startswith(c) for c in copies):
+            params[key].copy_(tensor)
