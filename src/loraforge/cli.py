@@ -31,7 +31,7 @@ COMMANDS = {
 }
 
 
-class CliError(Exception):
+class CliError(ValueError):
     """A user error: printed as one line, exit status 2."""
 
 

@@ -1,0 +1,319 @@
+"""Adapter file tools for the command line: `bases`, `merge`, `mix`, `inspect`.
+
+loraforge bases
+loraforge inspect runs/text/adapter
+loraforge mix runs/a:0.7 runs/b:0.3 --method svd --rank 16 --out mixed/
+loraforge merge --adapter runs/a:1.0 --out merged/          # base taken from the adapter's config
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from loraforge.bases import DEFAULT_TEXT_BASE, EMBEDDED_BASES, resolve_base
+from loraforge.cli import CliError, parse_adapter_spec
+from loraforge.combine import METHODS
+from loraforge.config import CONFIG_NAME
+from loraforge.formats.peft import PREFIX, WEIGHTS_NAME, read_adapter
+
+# -- bases -----------------------------------------------------------------------------------------
+
+
+def bases_arguments(parser):
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+
+def bases_run(args) -> int:
+    rows = []
+    for name, (kind, path, about) in EMBEDDED_BASES.items():
+        present = (path / "config.json").exists() or (path / "model_index.json").exists()
+        rows.append({"name": name, "kind": kind, "path": str(path), "present": present, "about": about})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for r in rows:
+        status = "" if r["present"] else "  (weights missing)"
+        print(f"{r['name']:<12} {r['kind']:<6} {r['path']}{status}\n{'':<20}{r['about']}")
+    return 0
+
+
+# -- shared helpers --------------------------------------------------------------------------------
+
+
+def adapter_specs(specs: list[str]) -> list[tuple[Path, float]]:
+    """Parses PATH[:WEIGHT] specs and checks each path is an adapter directory, before any model loads."""
+    out = []
+    for spec in specs:
+        path, weight = parse_adapter_spec(spec)
+        path = Path(path)
+        if not (path / CONFIG_NAME).is_file():
+            raise CliError(f"{path} is not an adapter directory (no {CONFIG_NAME})")
+        out.append((path, weight))
+    return out
+
+
+def base_for(base: str | None, adapters: list[tuple[Path, float]]) -> str:
+    """The base to load: as given, else the one recorded in the first adapter, else the embedded default."""
+    if base:
+        return resolve_base(base)
+    recorded = (
+        json.loads((adapters[0][0] / CONFIG_NAME).read_text()).get("base_model_name_or_path")
+        if adapters
+        else None
+    )
+    if recorded and (recorded in EMBEDDED_BASES or Path(recorded).exists()):
+        return resolve_base(recorded)
+    if recorded:
+        return recorded  # a hub id: transformers resolves it (cache or download)
+    return resolve_base(DEFAULT_TEXT_BASE)
+
+
+def load_with_adapters(base: str | None, adapters: list[tuple[Path, float]], torch_dtype=None):
+    """Loads a causal LM and activates the adapters at their weights. Returns (LoraModel, base path)."""
+    from transformers import AutoModelForCausalLM
+
+    from loraforge.model import LoraModel
+
+    base_path = base_for(base, adapters)
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch_dtype or torch.float32)
+    lora = LoraModel(model)
+    names = []
+    for i, (path, _) in enumerate(adapters):
+        name = "default" if i == 0 else f"adapter{i}"
+        lora.load_adapter(path, name)
+        names.append(name)
+    if names:
+        lora.set_adapters(names, [w for _, w in adapters])
+    return lora.eval(), base_path
+
+
+# -- merge -----------------------------------------------------------------------------------------
+
+
+def merge_arguments(parser):
+    parser.add_argument(
+        "--base",
+        help="base model: embedded name, local directory or hub id (default: recorded in the adapter)",
+    )
+    parser.add_argument(
+        "--adapter",
+        action="append",
+        required=True,
+        metavar="PATH[:WEIGHT]",
+        help="adapter to merge; repeat to mix",
+    )
+    parser.add_argument("--out", required=True, help="output directory for the standalone model")
+    parser.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (default 2GB)")
+    parser.add_argument(
+        "--no-verify", action="store_true", help="skip checking merged outputs against the unmerged model"
+    )
+
+
+def merge_run(args) -> int:
+    from transformers import AutoTokenizer
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise CliError(f"{out} exists and is not empty; choose a new --out")
+    adapters = adapter_specs(args.adapter)
+    lora, base_path = load_with_adapters(args.base, adapters)
+    probe = torch.randint(
+        0, lora.model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0)
+    )
+    with torch.no_grad():
+        expected = None if args.no_verify else lora(input_ids=probe).logits
+        merged = lora.merge_and_unload()
+        if expected is not None:
+            diff = (merged(input_ids=probe).logits - expected).abs().max().item()
+            print(f"merged vs unmerged logits: max abs difference {diff:.2e}")
+            if diff > 1e-3:
+                raise CliError(f"merged model differs from the unmerged one by {diff:.2e}; not saved")
+    # Write into a sibling temp directory and rename, so an interrupted merge leaves no half model.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        merged.save_pretrained(tmp, max_shard_size=args.max_shard_size)
+        try:
+            AutoTokenizer.from_pretrained(base_path).save_pretrained(tmp)
+        except (OSError, ValueError):
+            print("note: base has no tokenizer to copy")
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    weights = ", ".join(f"{p}:{w:g}" for p, w in adapters)
+    print(f"merged {weights} into {base_path}\nsaved standalone model to {out}")
+    print(
+        f"use it: AutoModelForCausalLM.from_pretrained({str(out)!r})  or  loraforge generate --base {out} --prompt ..."
+    )
+    return 0
+
+
+# -- mix -------------------------------------------------------------------------------------------
+
+
+def mix_arguments(parser):
+    parser.add_argument(
+        "adapters", nargs="+", metavar="PATH[:WEIGHT]", help="adapters to combine, each with its weight"
+    )
+    parser.add_argument("--method", choices=METHODS, default="svd", help="combination method (default svd)")
+    parser.add_argument(
+        "--rank", type=int, help="rank of the result for svd/ties/dare_linear (default: largest input rank)"
+    )
+    parser.add_argument(
+        "--density", type=float, default=0.5, help="fraction kept by ties/dare_linear (default 0.5)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed for dare_linear's random drop")
+    parser.add_argument("--out", required=True, help="output adapter directory")
+
+
+class _Skeleton(nn.Module):
+    """A stand-in base model with the adapted modules' shapes and no real weights, so adapters can be
+    combined without loading the base. Weights are a zero-stride view of one scalar: no memory."""
+
+
+def _skeleton_for(tensors: dict[str, torch.Tensor]) -> nn.Module:
+    root = _Skeleton()
+    for key in tensors:
+        if not key.endswith(("lora_A.weight", "lora_embedding_A")):
+            continue
+        path = key.removeprefix(PREFIX).rsplit(".lora_", 1)[0]
+        is_embedding = key.endswith("lora_embedding_A")
+        A = tensors[key]
+        B = tensors[key.replace("lora_A", "lora_B").replace("lora_embedding_A", "lora_embedding_B")]
+        if is_embedding:
+            module = nn.Embedding(1, 1)
+            module.num_embeddings, module.embedding_dim = A.shape[1], B.shape[0]
+            module.weight = nn.Parameter(torch.zeros(()).expand(A.shape[1], B.shape[0]), requires_grad=False)
+        elif A.dim() == 2:
+            module = nn.Linear(1, 1, bias=False)
+            module.in_features, module.out_features = A.shape[1], B.shape[0]
+            module.weight = nn.Parameter(torch.zeros(()).expand(B.shape[0], A.shape[1]), requires_grad=False)
+        else:
+            conv = nn.Conv2d if A.dim() == 4 else nn.Conv1d
+            module = conv(A.shape[1], B.shape[0], tuple(A.shape[2:]), bias=False, device="meta")
+            module.weight = nn.Parameter(
+                torch.zeros(()).expand(B.shape[0], *A.shape[1:]), requires_grad=False
+            )
+        parent = root
+        *parents, leaf = path.split(".")
+        for part in parents:
+            if not hasattr(parent, part):
+                parent.add_module(part, _Skeleton())
+            parent = getattr(parent, part)
+        parent.add_module(leaf, module)
+    return root
+
+
+def mix_run(args) -> int:
+    from loraforge.model import LoraModel
+
+    adapters = adapter_specs(args.adapters)
+    out = Path(args.out)
+    loaded = [read_adapter(p) for p, _ in adapters]
+    union = {}
+    for _, tensors in loaded:
+        union.update(tensors)
+    lora = LoraModel(_skeleton_for(union))
+    names = []
+    for i, (path, _) in enumerate(adapters):
+        names.append(f"in{i}")
+        lora.load_adapter(path, names[-1])
+    lora.add_weighted_adapter(
+        names,
+        [w for _, w in adapters],
+        "default",
+        args.method,
+        svd_rank=args.rank,
+        density=args.density,
+        seed=args.seed,
+    )
+    config = lora.peft_config["default"]
+    config.base_model_name_or_path = loaded[0][0].base_model_name_or_path
+    config.task_type = loaded[0][0].task_type
+    lora.save_pretrained(out, selected_adapters=["default"])
+    print(f"mixed {' + '.join(f'{w:g} x {p}' for p, w in adapters)} with {args.method} -> {out}")
+    return 0
+
+
+# -- inspect ---------------------------------------------------------------------------------------
+
+
+def inspect_arguments(parser):
+    parser.add_argument("path", help="adapter directory or .safetensors file")
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+
+def describe(path: Path) -> dict:
+    """Reads an adapter's header and config (not its tensors) and summarises it."""
+    if path.is_dir():
+        candidates = [path / WEIGHTS_NAME, *sorted(path.glob("*.safetensors"))]
+        weights = next((c for c in candidates if c.exists()), None)
+        if weights is None:
+            raise CliError(f"no .safetensors adapter file in {path}")
+    else:
+        weights = path
+    if not weights.exists():
+        raise CliError(f"no such file: {weights}")
+    config_path = weights.parent / CONFIG_NAME
+    config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    try:
+        with safe_open(str(weights), "pt") as f:
+            keys = list(f.keys())
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
+            dtypes = sorted({str(f.get_slice(k).get_dtype()) for k in keys})
+            metadata = f.metadata() or {}
+    except Exception as e:
+        raise CliError(f"{weights} is not a readable safetensors file: {e}") from e
+    if any("lora_down" in k for k in keys):
+        fmt, down = "kohya", "lora_down"
+    elif any(k.startswith(("unet.", "text_encoder", "transformer.")) for k in keys):
+        fmt, down = "diffusers", "lora_A"
+    else:
+        fmt, down = "peft", "lora_A"
+    a_keys = [k for k in keys if down in k or "lora_embedding_A" in k]
+    ranks = sorted({shapes[k][0] for k in a_keys})
+    modules = sorted({k.removeprefix(PREFIX).split(".lora")[0] for k in a_keys})
+    suffixes = sorted(
+        {m.replace("_", ".").split(".")[-1] if fmt == "kohya" else m.split(".")[-1] for m in modules}
+    )
+    n_params = sum(int(torch.Size(s).numel()) for s in shapes.values())
+    return {
+        "path": str(weights),
+        "format": fmt,
+        "rank": ranks[0] if len(ranks) == 1 else ranks,
+        "lora_alpha": config.get("lora_alpha"),
+        "use_rslora": config.get("use_rslora", False),
+        "targets": suffixes,
+        "adapted_modules": len(modules),
+        "parameters": n_params,
+        "dtypes": dtypes,
+        "file_size_bytes": weights.stat().st_size,
+        "base_model": config.get("base_model_name_or_path") or metadata.get("base_model"),
+        "task_type": config.get("task_type"),
+    }
+
+
+def inspect_run(args) -> int:
+    info = describe(Path(args.path))
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    size = info["file_size_bytes"]
+    print(f"adapter       {info['path']}  ({info['format']} format)")
+    print(f"rank          {info['rank']}")
+    print(f"lora_alpha    {info['lora_alpha']}" + ("  (rsLoRA)" if info["use_rslora"] else ""))
+    print(f"targets       {', '.join(info['targets'])}  ({info['adapted_modules']} modules)")
+    print(f"parameters    {info['parameters']:,}  ({', '.join(info['dtypes'])})")
+    print(f"file size     {size / 1e6:.2f} MB" if size > 1e5 else f"file size     {size / 1e3:.1f} kB")
+    print(f"base model    {info['base_model'] or 'not recorded'}")
+    return 0
