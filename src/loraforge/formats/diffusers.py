@@ -78,11 +78,43 @@ class ImageLora:
         return sum(len(m) for m in self.components.values())
 
 
+# -- module names ---------------------------------------------------------------------------------
+# transformers 5 flattened `CLIPTextModel` (its modules lost the `text_model.` prefix that
+# `CLIPTextModelWithProjection` and every LoRA file in the wild still have). Files always use the
+# prefixed ("canonical") names; they are translated to and from the model's own names here.
+
+TEXT_MODEL_PREFIX = "text_model."
+
+
+def _flat_text_model(component: str | None, model) -> bool:
+    model = getattr(model, "model", model) if type(model).__name__ == "LoraModel" else model
+    return (
+        component in TEXT_COMPONENTS
+        and type(model).__name__.startswith("CLIPText")
+        and not hasattr(model, "text_model")
+    )
+
+
+def canonical_name(component: str | None, model, name: str) -> str:
+    """The module path as files spell it."""
+    if _flat_text_model(component, model) and not name.startswith(TEXT_MODEL_PREFIX):
+        return TEXT_MODEL_PREFIX + name
+    return name
+
+
+def model_name(component: str | None, model, name: str) -> str:
+    """The module path in this model for a name as files spell it."""
+    if _flat_text_model(component, model) and name.startswith(TEXT_MODEL_PREFIX):
+        return name[len(TEXT_MODEL_PREFIX) :]
+    return name
+
+
 # -- between LoraModel and ImageLora ----------------------------------------------------------------
 
 
-def extract(lora_model, adapter_name: str) -> dict[str, ModuleLora]:
-    """The adapter `adapter_name` of a `LoraModel` (one pipeline component) as ModuleLora entries.
+def extract(lora_model, adapter_name: str, component: str | None = None) -> dict[str, ModuleLora]:
+    """The adapter `adapter_name` of a `LoraModel` (pipeline component `component`) as ModuleLora
+    entries under the names files use.
 
     The effective alpha is written (scaling x r), so rsLoRA adapters read back with the same scale."""
     from loraforge.layers import LoraEmbedding, LoraLayer
@@ -92,9 +124,11 @@ def extract(lora_model, adapter_name: str) -> dict[str, ModuleLora]:
         if not isinstance(layer, LoraLayer) or adapter_name not in layer.lora_A:
             continue
         if isinstance(layer, LoraEmbedding):
-            raise ValueError(f"{name}: LoRA on embeddings has no Stable Diffusion file format; train token embeddings instead")
+            raise ValueError(
+                f"{name}: LoRA on embeddings has no Stable Diffusion file format; train token embeddings instead"
+            )
         r = layer.r[adapter_name]
-        out[name] = ModuleLora(
+        out[canonical_name(component, lora_model, name)] = ModuleLora(
             down=layer.lora_A[adapter_name].detach(),
             up=layer.lora_B[adapter_name].detach(),
             alpha=float(layer.scaling[adapter_name] * r),
@@ -128,19 +162,29 @@ def _fit(tensor: torch.Tensor, shape: tuple[int, ...], what: str) -> torch.Tenso
     raise ValueError(f"{what}: shape {tuple(tensor.shape)} in the file, the model needs {tuple(shape)}")
 
 
-def apply(lora_model, adapter_name: str, modules: dict[str, ModuleLora], where: str = "adapter") -> None:
-    """Adds `modules` to a `LoraModel` (one pipeline component) as adapter `adapter_name`.
+def apply(
+    lora_model,
+    adapter_name: str,
+    modules: dict[str, ModuleLora],
+    where: str = "adapter",
+    component: str | None = None,
+) -> None:
+    """Adds `modules` (named as files spell them) to a `LoraModel` (pipeline component `component`) as
+    adapter `adapter_name`.
 
     Everything is checked first (every module exists, is adaptable and has the right shapes); a
     failure while copying removes the half-added adapter again."""
     from loraforge.layers import LoraLayer, supported, wrap
 
+    modules = {model_name(component, lora_model, n): m for n, m in modules.items()}
     config = config_for(modules)
     plain = dict(lora_model._plain_modules())
     for name, m in modules.items():
         module = plain.get(name)
         if module is None:
-            raise ValueError(f"{where} does not fit this model: it has no module {name!r} (is it for another base?)")
+            raise ValueError(
+                f"{where} does not fit this model: it has no module {name!r} (is it for another base?)"
+            )
         if not supported(module):
             raise ValueError(f"{where}: {name} is a {type(module).__name__}, which LoRA cannot adapt here")
         current = lora_model.model.get_submodule(name)
@@ -150,7 +194,9 @@ def apply(lora_model, adapter_name: str, modules: dict[str, ModuleLora], where: 
     found = set(lora_model.find_targets(config))
     if found != set(modules):
         odd = sorted(found ^ set(modules))
-        raise ValueError(f"{where}: its module names do not select exactly its modules in this model: {odd[:3]}")
+        raise ValueError(
+            f"{where}: its module names do not select exactly its modules in this model: {odd[:3]}"
+        )
     lora_model.add_adapter(adapter_name, config)
     try:
         with torch.no_grad():
@@ -169,8 +215,14 @@ def apply(lora_model, adapter_name: str, modules: dict[str, ModuleLora], where: 
 # -- diffusers' LoRA file ---------------------------------------------------------------------------
 
 
-def peft_metadata(modules: dict[str, ModuleLora]) -> dict:
-    """PEFT LoraConfig fields for diffusers' ``lora_adapter_metadata`` (it builds the config from them)."""
+def peft_metadata(modules: dict[str, ModuleLora], component: str | None = None) -> dict:
+    """PEFT LoraConfig fields for diffusers' ``lora_adapter_metadata`` (it builds the config from them).
+
+    Text-encoder names lose their ``text_model.`` prefix here: PEFT matches target names as suffixes,
+    so the shorter names select the same layers in flattened and unflattened CLIP models alike
+    (diffusers strips that prefix from the weight keys but not from this metadata)."""
+    if component in TEXT_COMPONENTS:
+        modules = {n.removeprefix(TEXT_MODEL_PREFIX): m for n, m in modules.items()}
     config = config_for(modules)
     return {
         "r": config.r,
@@ -197,10 +249,12 @@ def save_diffusers(directory: str | Path, lora: ImageLora, info: dict | None = N
         for name, m in modules.items():
             tensors[f"{component}.{name}.lora_A.weight"] = m.down
             tensors[f"{component}.{name}.lora_B.weight"] = m.up
-        metadata.update({f"{component}.{k}": v for k, v in peft_metadata(modules).items()})
+        metadata.update({f"{component}.{k}": v for k, v in peft_metadata(modules, component).items()})
     path = directory / WEIGHTS_NAME
     if tensors:
-        save_tensors(tensors, path, metadata={"format": "pt", METADATA_KEY: json.dumps(metadata, sort_keys=True)})
+        save_tensors(
+            tensors, path, metadata={"format": "pt", METADATA_KEY: json.dumps(metadata, sort_keys=True)}
+        )
     if lora.tokens:
         save_embeddings(directory / EMBEDS_NAME, lora.tokens, lora.embeddings)
     save_info(directory, lora, info)
@@ -238,7 +292,9 @@ def load_embeddings(path: Path, tokens: list[str] | None = None) -> tuple[list[s
         tokens = json.loads(meta["tokens"])
     if any(k in tensors for k in CLIP_KEYS.values()):
         if not tokens:
-            raise ValueError(f"{path}: SDXL embeddings without a token list (metadata 'tokens' or adapter_info.json)")
+            raise ValueError(
+                f"{path}: SDXL embeddings without a token list (metadata 'tokens' or adapter_info.json)"
+            )
         found = {c: tensors[k].reshape(len(tokens), -1) for c, k in CLIP_KEYS.items() if k in tensors}
         return list(tokens), found
     order = list(tokens) if tokens else list(tensors)
@@ -282,18 +338,28 @@ def _split_key(key: str) -> tuple[str, str, str] | None:
     return None
 
 
-def parse_diffusers_tensors(tensors: dict[str, torch.Tensor], metadata: dict | None, where: str) -> dict[str, dict[str, ModuleLora]]:
+def parse_diffusers_tensors(
+    tensors: dict[str, torch.Tensor], metadata: dict | None, where: str
+) -> dict[str, dict[str, ModuleLora]]:
     parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         split = _split_key(key)
         if split is None:
             raise ValueError(f"{where}: unrecognised key {key!r} (not a diffusers LoRA weight)")
         component, module, kind = split
+        if component in TEXT_COMPONENTS and module.split(".")[0] in (
+            "encoder",
+            "embeddings",
+            "final_layer_norm",
+        ):
+            module = TEXT_MODEL_PREFIX + module  # written from a flattened CLIPTextModel: canonical spelling
         parts.setdefault((component, module), {})[kind] = tensor
     components: dict[str, dict[str, ModuleLora]] = {}
     for (component, module), got in parts.items():
         if "down" not in got or "up" not in got:
-            raise ValueError(f"{where}: {component}.{module} has {sorted(got)} but needs both down and up weights")
+            raise ValueError(
+                f"{where}: {component}.{module} has {sorted(got)} but needs both down and up weights"
+            )
         r = int(got["down"].shape[0])
         alpha = float(got["alpha"]) if "alpha" in got else _metadata_alpha(metadata, component, module, r)
         components.setdefault(component, {})[module] = ModuleLora(got["down"], got["up"], alpha)
@@ -361,13 +427,17 @@ def detect_format(path: str | Path) -> str:
 
     path = Path(path)
     if path.is_dir():
-        if (path / WEIGHTS_NAME).is_file() or (path / EMBEDS_NAME).is_file():
+        if (path / WEIGHTS_NAME).is_file():
             return "diffusers"
         candidates = sorted(p for p in path.glob("*.safetensors") if p.name != EMBEDS_NAME)
         if len(candidates) == 1:
             return detect_format(candidates[0])
+        if not candidates and (path / EMBEDS_NAME).is_file():
+            return "diffusers"  # learned tokens only
         if (path / "adapter_config.json").is_file():
-            raise ValueError(f"{path} is a PEFT adapter for a single model; image adapters need diffusers, kohya or cloneofsimo files")
+            raise ValueError(
+                f"{path} is a PEFT adapter for a single model; image adapters need diffusers, kohya or cloneofsimo files"
+            )
         raise FileNotFoundError(f"{path}: no image adapter file ({WEIGHTS_NAME} or one .safetensors)")
     if not path.is_file():
         raise FileNotFoundError(f"adapter not found: {path}")

@@ -1,0 +1,281 @@
+#!/usr/bin/env python3
+"""Deterministic generators for the image side of loraforge.
+
+Three kinds of images, all drawn with PIL (4x supersampled, then box-filtered down so edges are
+anti-aliased) from a seeded ``random.Random``; the same seed always gives the same pixels:
+
+* the **pretraining set** for the embedded ``tiny-sd`` base: one coloured shape (circle, square,
+  triangle, star) on a plain background of another colour, captioned
+  ``"a red circle on a blue background"``.  It is generated in memory at training time by
+  ``scripts/pretrain_image_base.py`` and never committed;
+* **generic textures** (random stripes at random angles/periods, checkerboards, blobs, in random RGB
+  colours) used only to train the autoencoder so that it reconstructs patterns and colours the
+  diffusion base never draws (the style adapters need that);
+* the **example style dataset** shipped in ``src/loraforge/examples/style/``: the same kind of
+  subjects drawn in a style the base never produces -- a solid plum shape over 45-degree diagonal
+  stripes of magenta and orange (3 stripe periods across the image along each axis).  Each PNG has a
+  same-name ``.txt`` caption describing the content only (``"a circle"``).
+  ``loraforge.eval.style.style_score`` measures exactly this palette and stripe texture.
+
+Usage::
+
+    python scripts/make_image_data.py                      # (re)writes the example style set
+    python scripts/make_image_data.py --preview /tmp/data  # also dumps a few pretraining PNGs + captions
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+REPO = Path(__file__).resolve().parent.parent
+STYLE_DIR = REPO / "src" / "loraforge" / "examples" / "style"
+
+RESOLUTION = 32
+SUPERSAMPLE = 4
+
+SHAPES = ("circle", "square", "triangle", "star")
+# Base colours.  Deliberately none of them is magenta, orange or plum (the style palette below).
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (215, 35, 35),
+    "green": (40, 165, 60),
+    "blue": (35, 75, 215),
+    "yellow": (240, 215, 40),
+    "white": (245, 245, 245),
+    "black": (20, 20, 20),
+}
+
+# The example style: every pixel lies in the RGB triangle spanned by these three colours.
+STYLE_MAGENTA = (235, 20, 185)
+STYLE_ORANGE = (255, 145, 20)
+STYLE_PLUM = (85, 10, 105)
+STYLE_PALETTE = (STYLE_MAGENTA, STYLE_ORANGE, STYLE_PLUM)
+STYLE_STRIPE_CYCLES = 3  # stripe periods across the image along x (and y); the stripes run at 45 degrees ("/")
+STYLE_COUNT = 16
+
+# Extra words the tokenizer should know as whole tokens (prompts people will naturally type).
+EXTRA_WORDS = (
+    "a an the of on in with and picture photo image drawing painting style shape small large big "
+    "background plain colored coloured color colour one single centered simple art"
+).split()
+
+
+# ----------------------------------------------------------------------------------------------
+# drawing
+
+
+def _shape_polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
+    """Vertices of a polygonal shape of circumradius ``r`` centred at (cx, cy)."""
+    if shape == "square":
+        n, radii, start = 4, [r * 0.92], math.pi / 4
+    elif shape == "triangle":
+        n, radii, start = 3, [r * 1.08], -math.pi / 2
+    elif shape == "star":
+        n, radii, start = 10, [r * 1.12, r * 0.48], -math.pi / 2
+    else:
+        raise ValueError(shape)
+    pts = []
+    for i in range(n):
+        rad = radii[i % len(radii)]
+        a = start + angle + 2 * math.pi * i / n
+        pts.append((cx + rad * math.cos(a), cy + rad * math.sin(a)))
+    return pts
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, angle: float, fill) -> None:
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    else:
+        draw.polygon(_shape_polygon(shape, cx, cy, r, angle), fill=fill)
+
+
+def _shape_geometry(rng: random.Random, size: int, jitter: bool) -> tuple[float, float, float, float]:
+    """Centre, radius and small rotation of a shape in supersampled pixel units."""
+    s = size * SUPERSAMPLE
+    if not jitter:
+        return s / 2, s / 2, s * 0.3, 0.0
+    # Shapes stay near the centre at a similar size: neither is in the caption, and a tiny base
+    # trained for minutes learns colours and shapes much faster without layout variation.
+    r = s * rng.uniform(0.27, 0.35)
+    cx = s / 2 + s * rng.uniform(-0.06, 0.06)
+    cy = s / 2 + s * rng.uniform(-0.06, 0.06)
+    angle = rng.uniform(-0.15, 0.15)
+    return cx, cy, r, angle
+
+
+def _jitter_colour(rng: random.Random, rgb: tuple[int, int, int], amount: int) -> tuple[int, int, int]:
+    return tuple(max(0, min(255, c + rng.randint(-amount, amount))) for c in rgb)
+
+
+def _finish(img: Image.Image, size: int) -> Image.Image:
+    return img.resize((size, size), Image.BOX)
+
+
+def render_shape(shape: str, fg: str, bg: str, rng: random.Random, size: int = RESOLUTION, jitter: bool = True) -> Image.Image:
+    """One ``fg`` shape on a plain ``bg`` background."""
+    s = size * SUPERSAMPLE
+    bg_rgb = _jitter_colour(rng, COLOURS[bg], 10) if jitter else COLOURS[bg]
+    fg_rgb = _jitter_colour(rng, COLOURS[fg], 10) if jitter else COLOURS[fg]
+    img = Image.new("RGB", (s, s), bg_rgb)
+    cx, cy, r, angle = _shape_geometry(rng, size, jitter)
+    _draw_shape(ImageDraw.Draw(img), shape, cx, cy, r, angle, fg_rgb)
+    return _finish(img, size)
+
+
+def caption_for(shape: str, fg: str, bg: str) -> str:
+    return f"a {fg} {shape} on a {bg} background"
+
+
+def caption_variants(shape: str, fg: str, bg: str) -> list[str]:
+    """The full caption first, then partial descriptions (used as caption augmentation)."""
+    return [
+        caption_for(shape, fg, bg),
+        f"a {fg} {shape}",
+        f"a {shape} on a {bg} background",
+        f"a {shape}",
+    ]
+
+
+def all_combinations() -> list[tuple[str, str, str]]:
+    return [(s, f, b) for s in SHAPES for f in COLOURS for b in COLOURS if f != b]
+
+
+def make_pretrain_set(n: int, seed: int = 0, size: int = RESOLUTION) -> list[tuple[Image.Image, tuple[str, str, str]]]:
+    """``n`` images cycling through every (shape, fg, bg) combination, each with random placement.
+
+    Returns ``(image, (shape, fg, bg))`` pairs; use ``caption_for`` / ``caption_variants`` for text.
+    """
+    rng = random.Random(seed)
+    combos = all_combinations()
+    out = []
+    order: list[tuple[str, str, str]] = []
+    while len(order) < n:
+        block = list(combos)
+        rng.shuffle(block)
+        order.extend(block)
+    for shape, fg, bg in order[:n]:
+        out.append((render_shape(shape, fg, bg, rng, size), (shape, fg, bg)))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# generic textures for the autoencoder
+
+
+def _random_rgb(rng: random.Random) -> tuple[int, int, int]:
+    return (rng.randint(0, 255), rng.randint(0, 255), rng.randint(0, 255))
+
+
+def render_texture(rng: random.Random, size: int = RESOLUTION) -> Image.Image:
+    """A random pattern in random colours (never captioned; autoencoder training only)."""
+    s = size * SUPERSAMPLE
+    kind = rng.choice(("stripes", "stripes", "checker", "blobs", "stripes_shape"))
+    a, b = _random_rgb(rng), _random_rgb(rng)
+    img = Image.new("RGB", (s, s), a)
+    draw = ImageDraw.Draw(img)
+    if kind in ("stripes", "stripes_shape"):
+        period = rng.uniform(4, 16) * SUPERSAMPLE
+        theta = rng.uniform(0, math.pi)
+        duty = rng.uniform(0.3, 0.7)
+        phase = rng.uniform(0, period)
+        ux, uy = math.cos(theta), math.sin(theta)
+        # draw each stripe as a wide polygon band
+        diag = s * 1.5
+        k0 = int(-diag / period) - 2
+        for k in range(k0, -k0 + 2):
+            off = k * period + phase - s  # offset along the normal
+            p0 = off
+            p1 = off + duty * period
+            c = (s / 2, s / 2)
+            pts = []
+            for p, t in ((p0, -diag), (p0, diag), (p1, diag), (p1, -diag)):
+                pts.append((c[0] + ux * p - uy * t, c[1] + uy * p + ux * t))
+            draw.polygon(pts, fill=b)
+        if kind == "stripes_shape":
+            cx, cy, r, angle = _shape_geometry(rng, size, True)
+            _draw_shape(draw, rng.choice(SHAPES), cx, cy, r, angle, _random_rgb(rng))
+    elif kind == "checker":
+        cell = int(rng.uniform(3, 10) * SUPERSAMPLE)
+        for y in range(0, s, cell):
+            for x in range(0, s, cell):
+                if ((x // cell) + (y // cell)) % 2:
+                    draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=b)
+    else:
+        for _ in range(rng.randint(2, 6)):
+            cx, cy, r, angle = _shape_geometry(rng, size, True)
+            r *= rng.uniform(0.3, 1.0)
+            _draw_shape(draw, rng.choice(SHAPES), cx + rng.uniform(-s / 3, s / 3), cy + rng.uniform(-s / 3, s / 3), r, angle, _random_rgb(rng))
+    return _finish(img, size)
+
+
+def make_texture_set(n: int, seed: int = 1, size: int = RESOLUTION) -> list[Image.Image]:
+    rng = random.Random(seed)
+    return [render_texture(rng, size) for _ in range(n)]
+
+
+# ----------------------------------------------------------------------------------------------
+# the example style set
+
+
+def render_style(shape: str, rng: random.Random, size: int = RESOLUTION) -> Image.Image:
+    """A plum ``shape`` over 45-degree magenta/orange stripes (the example style)."""
+    s = size * SUPERSAMPLE
+    img = Image.new("RGB", (s, s), STYLE_MAGENTA)
+    phase = rng.random()
+    px = img.load()
+    for y in range(s):
+        for x in range(s):
+            # "/" stripes: constant along x + y, STYLE_STRIPE_CYCLES periods across the image
+            if int(2 * (STYLE_STRIPE_CYCLES * (x + y) / s + phase)) % 2:
+                px[x, y] = STYLE_ORANGE
+    cx, cy, r, angle = _shape_geometry(rng, size, True)
+    _draw_shape(ImageDraw.Draw(img), shape, cx, cy, r, angle, STYLE_PLUM)
+    return _finish(img, size)
+
+
+def write_style_set(out_dir: Path = STYLE_DIR, count: int = STYLE_COUNT, seed: int = 1234, size: int = RESOLUTION) -> list[Path]:
+    """Writes ``count`` style PNGs, each with a same-name ``.txt`` caption, into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in list(out_dir.glob("*.png")) + list(out_dir.glob("*.txt")):
+        old.unlink()
+    rng = random.Random(seed)
+    paths = []
+    for i in range(count):
+        shape = SHAPES[i % len(SHAPES)]
+        img = render_style(shape, rng, size)
+        stem = f"{i:02d}_{shape}"
+        path = out_dir / f"{stem}.png"
+        img.save(path, optimize=True)
+        (out_dir / f"{stem}.txt").write_text(f"a {shape}\n")
+        paths.append(path)
+    return paths
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--style-dir", type=Path, default=STYLE_DIR, help="where the example style set goes")
+    ap.add_argument("--no-style", action="store_true", help="do not (re)write the example style set")
+    ap.add_argument("--preview", type=Path, default=None, help="dump N pretraining images + captions here")
+    ap.add_argument("--preview-count", type=int, default=48)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    if not args.no_style:
+        paths = write_style_set(args.style_dir)
+        print(f"wrote {len(paths)} style images to {args.style_dir}")
+    if args.preview is not None:
+        args.preview.mkdir(parents=True, exist_ok=True)
+        for i, (img, (shape, fg, bg)) in enumerate(make_pretrain_set(args.preview_count, args.seed)):
+            img.save(args.preview / f"{i:03d}.png")
+            (args.preview / f"{i:03d}.txt").write_text(caption_for(shape, fg, bg) + "\n")
+        for i, img in enumerate(make_texture_set(16, args.seed + 1)):
+            img.save(args.preview / f"texture_{i:02d}.png")
+        print(f"wrote {args.preview_count} pretraining previews to {args.preview}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Data loading for training: `text` (JSONL / plain text for causal LMs)."""

@@ -1,0 +1,172 @@
+"""`loraforge eval-text`: held-out loss and follow rate of an adapter on the example text task.
+
+    loraforge eval-text --adapter runs/text/adapter            # adapter vs bare base, side by side
+    loraforge eval-text                                         # the bare base alone
+    loraforge eval-text --adapter a/ --base tiny-llama --data my_heldout.jsonl
+
+Held-out loss: mean cross-entropy over the completion tokens (what training optimises).
+Follow rate: share of prompts whose greedy generation follows the taught behaviour, judged by
+`loraforge.examples.text.task.follows_task(prompt, generation, reference)`. With `--adapter`, the
+bare base is measured in the same process (the adapter switched off) and the loss drop is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from loraforge.cli import CliError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="PATH[:WEIGHT]",
+        help="adapter to measure (repeatable: mixed by weight)",
+    )
+    parser.add_argument(
+        "--base", default=None, help="base model (default: the adapter's recorded base, else tiny-llama)"
+    )
+    parser.add_argument(
+        "--data", default=None, help="held-out JSONL (default: the packaged example heldout.jsonl)"
+    )
+    parser.add_argument(
+        "--max-examples",
+        "--max_examples",
+        dest="max_examples",
+        type=int,
+        default=0,
+        help="use only the first N rows (0: all)",
+    )
+    parser.add_argument("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", type=int, default=64)
+    parser.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=16)
+    parser.add_argument("--max-length", "--max_length", dest="max_length", type=int, default=512)
+    parser.add_argument(
+        "--json", dest="json_out", default=None, metavar="PATH", help="also write the figures as JSON"
+    )
+    parser.add_argument("--show", type=int, default=3, help="print this many example generations")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
+    parser.add_argument("--trust-remote-code", action="store_true")
+
+
+def _stop_token_ids(tokenizer, stops=("\n",)) -> list[int]:
+    """Token ids whose text contains a stop string (the checker ignores everything after a newline)."""
+    ids = []
+    for token_id in range(len(tokenizer)):
+        text = tokenizer.decode([token_id])
+        if any(s in text for s in stops):
+            ids.append(token_id)
+    return ids
+
+
+@torch.no_grad()
+def greedy_generations(
+    model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int, stop_ids=()
+) -> list[str]:
+    """Greedy continuations, batched with left padding (shortest prompts together)."""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[str] = [""] * len(prompts)
+    for s in range(0, len(order), batch_size):
+        chunk = order[s : s + batch_size]
+        width = max(len(prompts[i]) for i in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for r, i in enumerate(chunk):
+            p = prompts[i]
+            ids[r, width - len(p) :] = torch.tensor(p)
+            mask[r, width - len(p) :] = 1
+        gen = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=eos + list(stop_ids) or None,
+        )
+        for r, i in enumerate(chunk):
+            out[i] = tokenizer.decode(gen[r, width:], skip_special_tokens=False).replace(
+                tokenizer.pad_token or "\0", ""
+            )
+    return out
+
+
+def measure(model, tokenizer, dataset, prompts, references, args, stop_ids) -> dict:
+    from loraforge.examples.text.task import follows_task
+    from loraforge.train.text import dataset_loss
+
+    loss = dataset_loss(model, dataset, args.batch_size)
+    generations = greedy_generations(
+        model, tokenizer, [p for p in prompts], args.max_new_tokens, args.batch_size, stop_ids
+    )
+    prompt_texts = [tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
+    followed = [follows_task(pt, g, ref) for pt, g, ref in zip(prompt_texts, generations, references)]
+    return {
+        "loss": loss,
+        "follow_rate": sum(followed) / len(followed),
+        "followed": sum(followed),
+        "examples": len(followed),
+        "samples": list(zip(prompt_texts, generations, followed)),
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    from loraforge.data.text import TextDataset, prompt_and_reference, scan_text_file
+    from loraforge.infer.text import default_base, load_with_adapters
+    from loraforge.train.text import EXAMPLE_HELDOUT
+
+    data = Path(args.data) if args.data else EXAMPLE_HELDOUT
+    scan = scan_text_file(data)  # checked before any model is loaded
+    if args.max_examples > 0:
+        scan.records = scan.records[: args.max_examples]
+    base = args.base or default_base(args.adapter)
+    model, tokenizer, loaded = load_with_adapters(base, args.adapter, args.dtype, args.trust_remote_code)
+    model.eval()
+    dataset = TextDataset(scan, tokenizer, args.max_length, "completion", packing=False)
+    pairs = [prompt_and_reference(r, tokenizer) for r in scan.records]
+    pairs = [p for p in pairs if p is not None]
+    if not pairs:
+        raise CliError(f"{data}: no prompt/completion rows to generate from")
+    prompts, references = [p for p, _ in pairs], [r for _, r in pairs]
+    stop_ids = _stop_token_ids(tokenizer)
+    print(f"data: {data} ({len(pairs)} prompts); base: {base}")
+
+    results = {}
+    if loaded:
+        results["adapter"] = measure(model, tokenizer, dataset, prompts, references, args, stop_ids)
+        with model.disable_adapter():
+            results["base"] = measure(model, tokenizer, dataset, prompts, references, args, stop_ids)
+    else:
+        results["base"] = measure(model, tokenizer, dataset, prompts, references, args, stop_ids)
+
+    columns = [("bare base", results["base"])] + ([("with adapter", results["adapter"])] if loaded else [])
+    print()
+    print(f"{'':<22}" + "".join(f"{name:>16}" for name, _ in columns))
+    print(f"{'held-out loss':<22}" + "".join(f"{r['loss']:>16.4f}" for _, r in columns))
+    print(f"{'follow rate':<22}" + "".join(f"{100 * r['follow_rate']:>15.1f}%" for _, r in columns))
+    print(
+        f"{'followed / prompts':<22}"
+        + "".join(f"{str(r['followed']) + '/' + str(r['examples']):>16}" for _, r in columns)
+    )
+    summary = {name: {k: v for k, v in r.items() if k != "samples"} for name, r in results.items()}
+    if loaded:
+        drop = 100 * (1 - results["adapter"]["loss"] / results["base"]["loss"])
+        summary["loss_drop_percent"] = drop
+        print(f"{'loss drop':<22}{drop:>31.1f}%")
+        adapters = ", ".join(f"{p} x{w:g}" for _, p, w in loaded)
+        print(f"adapter: {adapters}")
+    shown = results["adapter" if loaded else "base"]["samples"][: max(0, args.show)]
+    if shown:
+        print("\nexamples (greedy" + (", with adapter" if loaded else "") + "):")
+        for prompt, generation, ok in shown:
+            print(f"  [{'ok' if ok else '--'}] {prompt.strip()!r} -> {generation.strip()!r}")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(summary, indent=2) + "\n")
+    return 0

@@ -1,0 +1,1 @@
+"""Example datasets and task checkers that ship with loraforge."""

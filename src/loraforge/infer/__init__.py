@@ -1,0 +1,1 @@
+"""Inference commands: `text` (`loraforge generate`)."""

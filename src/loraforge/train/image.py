@@ -1,0 +1,832 @@
+"""`loraforge train-image`: teach a Stable Diffusion pipeline a style or subject with LoRA.
+
+    loraforge train-image                                  # embedded tiny-sd + the example style set
+    loraforge train-image --base path/or/hub-id --data photos.zip --max_steps 1500 --resolution 512
+    loraforge train-image --config examples/train_image.yaml --train_text_encoder
+
+What it trains (on the shared loop of `loraforge.train.loop`, so checkpoints, resume, metrics, NaN
+handling and seeds behave as in `loraforge train`):
+
+* LoRA on the UNet's attention projections (``to_q``, ``to_k``, ``to_v``, ``to_out.0`` by default;
+  any names or a regex, convolutions included, via ``target_modules``), optionally on the text
+  encoder(s) too (``train_text_encoder``);
+* pivotal tuning: new placeholder tokens (``<s1><s2>`` by default) are added to the tokenizer(s) and
+  their embedding vectors train with the LoRA. The vectors are a separate parameter spliced into the
+  embedding lookup, so no other row of the embedding matrix can change (it gets no gradient and
+  is not in the optimizer);
+* the noise-prediction loss of the pipeline's scheduler (epsilon or v-prediction), with optional
+  min-SNR weighting (``snr_gamma``) and noise offset. VAE latents are computed once (for both flips
+  when flipping) unless random cropping forces a fresh encode each step; with a frozen text
+  encoder and no tokens to learn, prompt embeddings are cached too.
+
+Output (``output_dir/adapter``): ``pytorch_lora_weights.safetensors`` (diffusers' format; or
+``lora.safetensors`` in kohya's with ``format: kohya``), ``learned_embeds.safetensors``,
+``adapter_info.json`` and ``validation.png`` (the validation prompts rendered with the adapter).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import random
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loraforge.data.images import (
+    ImageRecord,
+    PromptBuilder,
+    bucket_batches,
+    make_buckets,
+    nearest_bucket,
+    resize_and_crop,
+    scan_images,
+)
+from loraforge.train.config import TrainConfig, add_config_arguments, config_from_args, save_config
+
+EXAMPLE_DATA = Path(__file__).resolve().parent.parent / "examples" / "style"
+DEFAULT_UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+@dataclass
+class ImageTrainConfig(TrainConfig):
+    """`loraforge train-image`: LoRA (plus learned tokens) on a Stable Diffusion pipeline."""
+
+    output_dir: str = "runs/image"
+    """Directory for the run: the final adapter (`adapter/`), checkpoints, metrics, samples, loss curve."""
+
+    base: str = "tiny-sd"
+    """Pipeline to adapt: an embedded base name, a local diffusers directory or a hub id (SD 1.x/2.x, SDXL)."""
+
+    data: str | None = None
+    """Training images: a folder (nested folders too) or a .zip of .jpg/.png/.webp files, with optional
+    same-name .txt captions or a metadata.jsonl. Empty: the packaged example style set."""
+
+    resolution: int = 0
+    """Training size in pixels (the short side of square buckets). 0: the pipeline's native size."""
+
+    buckets: bool = True
+    """Group images into aspect-ratio buckets of about resolution^2 pixels instead of cropping all to a square."""
+
+    crop: Literal["center", "random"] = "center"
+    """How an image is cut to its bucket after scaling. "random" re-crops every step (no latent cache)."""
+
+    flip: bool = False
+    """Also train on mirror images (random horizontal flips). Off for styles with a handedness."""
+
+    min_image_size: int = 0
+    """Images whose short side is smaller are skipped (and reported). 0: half the resolution."""
+
+    placeholder_tokens: list[str] = field(default_factory=lambda: ["<s1>", "<s2>"])
+    """New tokens added to the tokenizer(s) and learned (pivotal tuning). Empty: no new tokens."""
+
+    train_tokens: bool = True
+    """Learn the placeholder tokens' embedding vectors along with the LoRA."""
+
+    token_init: str = ""
+    """Start the new tokens from this word's embedding. Empty: random, scaled like the existing embeddings."""
+
+    token_learning_rate: float = 0.0
+    """Learning rate of the token vectors. 0: learning_rate."""
+
+    caption_template: str = "{caption}, in the style of {tokens}"
+    """Training prompt for a captioned image ({caption}, {tokens} = the placeholder tokens joined)."""
+
+    instance_prompt: str = "a picture in the style of {tokens}"
+    """Training prompt for an image without a caption."""
+
+    train_text_encoder: bool = False
+    """Also put LoRA on the text encoder(s)."""
+
+    text_encoder_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"]
+    )
+    """Text-encoder modules that get LoRA when train_text_encoder is on."""
+
+    text_encoder_learning_rate: float = 0.0
+    """Learning rate of the text-encoder LoRA. 0: learning_rate."""
+
+    prediction_type: Literal["auto", "epsilon", "v_prediction"] = "auto"
+    """What the UNet predicts. auto: what the pipeline's scheduler says."""
+
+    snr_gamma: float = 5.0
+    """Min-SNR loss weighting gamma (Hang et al. 2023). 0: plain mean squared error."""
+
+    noise_offset: float = 0.0
+    """Add this much per-channel constant noise (helps very dark or bright images). 0: off."""
+
+    cache_latents: bool = True
+    """Encode every image with the VAE once, before training (not possible with crop: random)."""
+
+    validation_prompts: list[str] = field(default_factory=list)
+    """Prompts rendered to samples/step-N.png every sample_every steps and at the end. Empty: up to 4
+    prompts made from the data's captions."""
+
+    validation_steps: int = 20
+    """Denoising steps of the validation images."""
+
+    validation_guidance: float = 5.0
+    """Classifier-free guidance scale of the validation images."""
+
+    validation_seed: int = 0
+    """Seed of the validation images (the same every time, so grids are comparable)."""
+
+    format: Literal["diffusers", "kohya"] = "diffusers"
+    """File format of the adapter: diffusers (pytorch_lora_weights.safetensors) or kohya (lora.safetensors)."""
+
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    """Dtype of the frozen base weights. auto: float32 on CPU, the mixed-precision dtype on GPU."""
+
+    learning_rate: float = 1e-3
+    """Peak learning rate of AdamW (reached after the warmup)."""
+
+    batch_size: int = 4
+    """Images per micro-batch on each process."""
+
+    max_steps: int = 300
+    """Number of optimizer steps. 0: run for `epochs` passes over the data instead."""
+
+    lora_r: int = 8
+    """Rank of each LoRA update."""
+
+    lora_alpha: float = 8.0
+    """LoRA scale numerator: updates are multiplied by lora_alpha / lora_r."""
+
+    save_every: int = 100
+    """Write a resumable checkpoint every N steps (and at the end). 0: only at the end."""
+
+    threads: int = 0
+    """CPU threads for PyTorch on each process. 0: PyTorch's default, but 1 for a tiny pipeline on CPU
+    (its kernels are too small to split; spare threads only spin)."""
+
+    def validate(self) -> None:
+        super().validate()
+        if self.resolution < 0:
+            raise ValueError(f"config key 'resolution': must be >= 0 (got {self.resolution})")
+        if self.min_image_size < 0:
+            raise ValueError(f"config key 'min_image_size': must be >= 0 (got {self.min_image_size})")
+        for name in ("snr_gamma", "noise_offset", "token_learning_rate", "text_encoder_learning_rate"):
+            if getattr(self, name) < 0 or not math.isfinite(getattr(self, name)):
+                raise ValueError(f"config key {name!r}: must be a number >= 0 (got {getattr(self, name)})")
+        if self.validation_steps <= 0:
+            raise ValueError(f"config key 'validation_steps': must be > 0 (got {self.validation_steps})")
+        if len(set(self.placeholder_tokens)) != len(self.placeholder_tokens):
+            raise ValueError(
+                f"config key 'placeholder_tokens': tokens must differ (got {self.placeholder_tokens})"
+            )
+        for token in self.placeholder_tokens:
+            if not token or any(c.isspace() for c in token):
+                raise ValueError(
+                    f"config key 'placeholder_tokens': {token!r} must be non-empty and without spaces"
+                )
+        PromptBuilder(
+            self.placeholder_tokens, self.caption_template, self.instance_prompt
+        )  # checks templates
+        if not self.base:
+            raise ValueError("config key 'base': must not be empty")
+
+
+# -- the modules that train ----------------------------------------------------------------------------
+
+
+class PlaceholderEmbedding(nn.Module):
+    """A token embedding whose rows for ids >= `first_id` come from the trainable `new_rows`.
+
+    The original embedding stays frozen and out of the optimizer, so only the new tokens' vectors can
+    change; `bake()` writes them into the original matrix."""
+
+    def __init__(self, base: nn.Embedding, first_id: int, init: torch.Tensor):
+        super().__init__()
+        self.base = base
+        self.first_id = first_id
+        self.new_rows = nn.Parameter(init.detach().clone().float())
+
+    @property
+    def weight(self) -> torch.Tensor:  # for code that reads `get_input_embeddings().weight`
+        return self.base.weight
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.base.num_embeddings
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.base.embedding_dim
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self.base(ids)
+        offset = (ids - self.first_id).clamp(0, self.new_rows.shape[0] - 1)
+        rows = self.new_rows.to(out.dtype)[offset]
+        return torch.where((ids >= self.first_id).unsqueeze(-1), rows, out)
+
+    @torch.no_grad()
+    def bake(self) -> None:
+        n = self.new_rows.shape[0]
+        self.base.weight[self.first_id : self.first_id + n] = self.new_rows.to(self.base.weight.dtype)
+
+
+class DiffusionLoraModule(nn.Module):
+    """Everything with trainable weights (UNet, text encoders), as one module for the shared loop."""
+
+    def __init__(self, unet, text_encoders: list[nn.Module], sdxl: bool):
+        super().__init__()
+        self.unet = unet
+        self.text_encoders = nn.ModuleList(text_encoders)
+        self.sdxl = sdxl
+
+    def encode(self, ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not self.sdxl:
+            return self.text_encoders[0](ids[0])[0], None
+        hidden, pooled = [], None
+        for encoder, tokens in zip(self.text_encoders, ids):
+            out = encoder(tokens, output_hidden_states=True)
+            pooled = out[0]  # the last encoder's projected pooled output (text_embeds)
+            hidden.append(out.hidden_states[-2])
+        return torch.cat(hidden, dim=-1), pooled
+
+    def forward(self, noisy, timesteps, ids=None, hidden=None, pooled=None, time_ids=None):
+        if hidden is None:
+            hidden, pooled = self.encode(ids)
+        added = {"text_embeds": pooled, "time_ids": time_ids} if self.sdxl else None
+        return self.unet(noisy, timesteps, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
+
+
+# -- the task ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Samples:
+    prompts: list[str] = field(default_factory=list)
+    buckets: list[tuple[int, int]] = field(default_factory=list)  # (w, h)
+    original: list[tuple[int, int]] = field(default_factory=list)  # (h, w) before resizing (SDXL)
+    crops: list[tuple[int, int]] = field(default_factory=list)  # (top, left) of the centre/fixed crop
+    pixels: list[torch.Tensor] = field(
+        default_factory=list
+    )  # uint8 (3, H, W): cropped, or covering (random crop)
+    latent_mean: list[torch.Tensor] = field(default_factory=list)  # (variants, C, h, w)
+    latent_std: list[torch.Tensor] = field(default_factory=list)
+    ids: list[list[torch.Tensor]] = field(default_factory=list)  # per text encoder, (L,)
+
+
+class ImageTask:
+    """The shared loop's task for Stable Diffusion LoRA (see `loraforge.train.loop`)."""
+
+    def __init__(self, config: ImageTrainConfig, records: list[ImageRecord]):
+        self.config = config
+        self.records = records
+        self.model: nn.Module | None = None
+        self.last_grid: Path | None = None
+        self.log = print
+
+    # -- build ---------------------------------------------------------------------------------------
+
+    def build(self, accelerator=None) -> None:
+        from diffusers import DDPMScheduler
+
+        from loraforge.config import LoraConfig
+        from loraforge.infer.image import load_pipeline, native_size, size_step, text_models
+        from loraforge.model import LoraModel
+
+        c = self.config
+        self.device = accelerator.device if accelerator is not None else torch.device("cpu")
+        dtype = self._weights_dtype()
+        self.pipe = pipe = load_pipeline(c.base, device="cpu", dtype=dtype, threads=c.threads)
+        self.sdxl = getattr(pipe, "text_encoder_2", None) is not None
+        self.step = size_step(pipe)
+        self.resolution = c.resolution or min(native_size(pipe))
+        if self.resolution % self.step:
+            raise ValueError(
+                f"resolution {self.resolution} must be a multiple of {self.step} for this pipeline"
+            )
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.prediction_type = (
+            self.noise_scheduler.config.prediction_type if c.prediction_type == "auto" else c.prediction_type
+        )
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(
+                f"prediction type {self.prediction_type!r} is not supported (epsilon or v_prediction)"
+            )
+        self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device)
+        self.vae = pipe.vae.requires_grad_(False).eval()
+        self.unet_dtype = pipe.unet.dtype  # diffusers' `.dtype` walks every module: read it once
+
+        # UNet LoRA.
+        targets = c.target_modules or list(DEFAULT_UNET_TARGETS)
+        self.unet_lora = LoraModel(
+            pipe.unet,
+            LoraConfig(
+                r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout, target_modules=targets
+            ),
+        )
+        # Text encoders: optional LoRA, then the placeholder tokens (after LoRA, which freezes everything).
+        self.text = text_models(pipe)
+        encoders = []
+        self.te_loras = {}
+        for component, _, encoder in self.text:
+            encoder.requires_grad_(False)
+            if c.train_text_encoder:
+                te_config = LoraConfig(
+                    r=c.lora_r,
+                    lora_alpha=c.lora_alpha,
+                    lora_dropout=c.lora_dropout,
+                    target_modules=list(c.text_encoder_target_modules),
+                )
+                self.te_loras[component] = LoraModel(encoder, te_config)
+                encoders.append(self.te_loras[component])
+            else:
+                encoders.append(encoder)
+        self.tokens = list(c.placeholder_tokens)
+        self.placeholders: dict[str, PlaceholderEmbedding] = {}
+        if self.tokens:
+            self._add_placeholder_tokens()
+        self.builder = prompt_builder(c)
+        self.container = DiffusionLoraModule(self.unet_lora, encoders, self.sdxl).to(self.device)
+        self.model = self.container  # the loop swaps in its prepared (DDP / autocast) wrapper
+        self.vae.to(self.device)
+
+        # Data: sizes, prompts, latents (and prompt embeddings when nothing in the text path trains).
+        self.cached = c.cache_latents and c.crop != "random"
+        if c.cache_latents and not self.cached:
+            self.log(
+                "note: crop: random re-crops every step, so latents are not cached (the VAE runs every step)"
+            )
+        self._prepare_samples()
+        self.text_cache = None
+        if not c.train_text_encoder and not (self.tokens and c.train_tokens):
+            self._cache_text()
+        trainable, total = self._count_parameters()
+        self.log(
+            f"{type(pipe).__name__}: {len(self.samples.prompts)} images at {self.resolution}px "
+            f"({len(set(self.samples.buckets))} bucket(s)), trainable parameters {trainable:,d} of {total:,d}, "
+            f"prediction {self.prediction_type}, latents {'cached' if self.cached else 'encoded every step'}"
+        )
+
+    def _weights_dtype(self) -> torch.dtype:
+        c = self.config
+        if c.dtype != "auto":
+            return getattr(torch, c.dtype)
+        if torch.cuda.is_available() and c.mixed_precision in ("fp16", "bf16"):
+            return torch.float16 if c.mixed_precision == "fp16" else torch.bfloat16
+        return torch.float32
+
+    def _add_placeholder_tokens(self) -> None:
+        c = self.config
+        extended = set()  # tokenizers shared by two encoders get the tokens once
+        for component, tokenizer, encoder in self.text:
+            if id(tokenizer) not in extended:
+                clash = [t for t in self.tokens if t in tokenizer.get_vocab()]
+                if clash:
+                    raise ValueError(
+                        f"placeholder token {clash[0]!r} is already a token of this tokenizer; pick another"
+                    )
+                tokenizer.add_tokens(self.tokens)
+                extended.add(id(tokenizer))
+            ids = tokenizer.convert_tokens_to_ids(self.tokens)
+            first = ids[0]
+            if ids != list(range(first, first + len(self.tokens))) or first + len(self.tokens) != len(
+                tokenizer
+            ):
+                raise ValueError(
+                    f"the tokenizer gave the new tokens ids {ids}; expected the last consecutive ids"
+                )
+            encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+            base = encoder.get_input_embeddings()
+            weight = base.weight.detach()
+            if c.token_init:
+                init_ids = tokenizer(c.token_init, add_special_tokens=False).input_ids
+                if not init_ids:
+                    raise ValueError(f"token_init {c.token_init!r} tokenizes to nothing")
+                init = weight[init_ids].float().mean(0, keepdim=True).repeat(len(self.tokens), 1)
+            else:
+                std = weight[:first].float().std()
+                init = torch.randn(len(self.tokens), weight.shape[1]) * std
+            with torch.no_grad():
+                base.weight[first:] = init.to(base.weight.dtype)
+            wrapper = PlaceholderEmbedding(base, first, init)
+            wrapper.new_rows.requires_grad_(c.train_tokens)
+            encoder.set_input_embeddings(wrapper)
+            self.placeholders[component] = wrapper
+
+    def _count_parameters(self) -> tuple[int, int]:
+        params = list({id(p): p for p in self.container.parameters()}.values())
+        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+    def _prepare_samples(self) -> None:
+        c = self.config
+        buckets = (
+            make_buckets(self.resolution, self.step) if c.buckets else [(self.resolution, self.resolution)]
+        )
+        s = self.samples = _Samples()
+        for record in self.records:
+            image = record.load()
+            bucket = nearest_bucket(image.size, buckets) if c.buckets else buckets[0]
+            s.prompts.append(self.builder(record.caption))
+            s.buckets.append(bucket)
+            s.original.append((image.size[1], image.size[0]))
+            if c.crop == "random":
+                # Keep the scaled (covering) image; each step cuts its own window.
+                scale = max(bucket[0] / image.size[0], bucket[1] / image.size[1])
+                size = (
+                    max(bucket[0], round(image.size[0] * scale)),
+                    max(bucket[1], round(image.size[1] * scale)),
+                )
+                cover, _ = resize_and_crop(image, size, "center")
+                s.pixels.append(_uint8(cover))
+                s.crops.append((0, 0))
+            else:
+                cropped, top_left = resize_and_crop(image, bucket, "center")
+                s.pixels.append(_uint8(cropped))
+                s.crops.append(top_left)
+        for component, tokenizer, _ in self.text:
+            del component
+            ids = tokenizer(
+                s.prompts,
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids
+            for i in range(len(s.prompts)):
+                if len(s.ids) <= i:
+                    s.ids.append([])
+                s.ids[i].append(ids[i])
+        if self.cached:
+            variants = 2 if c.flip else 1
+            with torch.no_grad():
+                for pixels in s.pixels:
+                    batch = [pixels, pixels.flip(-1)][:variants]
+                    dist = self._encode(torch.stack(batch))
+                    s.latent_mean.append(dist.mean.float())
+                    s.latent_std.append(dist.std.float())
+            s.pixels = []  # not needed any more
+
+    def _encode(self, pixels_uint8: torch.Tensor):
+        vae = self.vae
+        x = (pixels_uint8.to(self.device, torch.float32) / 127.5 - 1.0).to(vae.dtype)
+        return vae.encode(x).latent_dist
+
+    def _cache_text(self) -> None:
+        self.text_cache = {}
+        with torch.no_grad():
+            for i, prompt in enumerate(self.samples.prompts):
+                if prompt not in self.text_cache:
+                    hidden, pooled = self.container.encode(
+                        [ids.unsqueeze(0).to(self.device) for ids in self.samples.ids[i]]
+                    )
+                    self.text_cache[prompt] = (hidden[0], None if pooled is None else pooled[0])
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.unet_lora.model.enable_gradient_checkpointing()
+        for lora in self.te_loras.values():
+            model = lora.model
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+                model.activation_checkpointing_enable(
+                    activation_checkpointing_kwargs={"use_reentrant": False}
+                )
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    # -- what the loop calls ---------------------------------------------------------------------------
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for g in self.parameter_groups() for p in g["params"]]
+
+    def parameter_groups(self) -> list[dict]:
+        c = self.config
+        unet = [p for p in self.unet_lora.parameters() if p.requires_grad]
+        groups = [{"params": unet}]
+        te = [p for lora in self.te_loras.values() for p in lora.parameters() if p.requires_grad]
+        te = [p for p in te if not any(p is w.new_rows for w in self.placeholders.values())]
+        if te:
+            groups.append({"params": te, "lr": c.text_encoder_learning_rate or c.learning_rate})
+        rows = [w.new_rows for w in self.placeholders.values() if w.new_rows.requires_grad]
+        if rows:
+            groups.append(
+                {"params": rows, "lr": c.token_learning_rate or c.learning_rate, "weight_decay": 0.0}
+            )
+        return groups
+
+    def num_batches(self) -> int:
+        return sum(1 for _ in bucket_batches(self.samples.buckets, self.config.batch_size, random.Random(0)))
+
+    def train_batches(self, epoch: int, start: int = 0):
+        rng = random.Random(self.config.seed * 1_000_003 + epoch)
+        s = self.samples
+        for i, indices in enumerate(bucket_batches(s.buckets, self.config.batch_size, rng)):
+            flips = [self.config.flip and rng.random() < 0.5 for _ in indices]
+            crops = []
+            if self.config.crop == "random":
+                w, h = s.buckets[indices[0]]
+                for j in indices:
+                    H, W = s.pixels[j].shape[1:]
+                    crops.append((rng.randint(0, H - h), rng.randint(0, W - w)))
+            if i >= start:
+                yield {"indices": indices, "flips": flips, "crops": crops}
+
+    def _latents(self, batch, sample: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scaled latents and SDXL time ids of a batch."""
+        s = self.samples
+        idx, flips = batch["indices"], batch["flips"]
+        if self.cached:
+            mean = torch.stack([s.latent_mean[i][1 if f else 0] for i, f in zip(idx, flips)])
+            std = torch.stack([s.latent_std[i][1 if f else 0] for i, f in zip(idx, flips)])
+            latents = mean + std * torch.randn_like(mean) if sample else mean
+            crops = [s.crops[i] for i in idx]
+        else:
+            w, h = s.buckets[idx[0]]
+            pixels, crops = [], []
+            for k, i in enumerate(idx):
+                top, left = (
+                    batch["crops"][k]
+                    if batch.get("crops")
+                    else s.crops[i]
+                    if self.config.crop != "random"
+                    else (0, 0)
+                )
+                image = (
+                    s.pixels[i]
+                    if self.config.crop != "random"
+                    else s.pixels[i][:, top : top + h, left : left + w]
+                )
+                pixels.append(image.flip(-1) if flips[k] else image)
+                crops.append((top, left))
+            with torch.no_grad():
+                dist = self._encode(torch.stack(pixels))
+                latents = (dist.sample() if sample else dist.mean).float()
+        config = self.vae.config
+        shift = getattr(config, "shift_factor", None) or 0.0
+        latents = (latents - shift) * config.scaling_factor
+        time_ids = None
+        if self.sdxl:
+            w, h = s.buckets[idx[0]]
+            time_ids = torch.tensor(
+                [[*s.original[i], *crop, h, w] for i, crop in zip(idx, crops)], dtype=torch.float32
+            )
+        return latents.to(self.device), None if time_ids is None else time_ids.to(self.device)
+
+    def _text_inputs(self, indices) -> dict:
+        s = self.samples
+        if self.text_cache is not None:
+            hidden = torch.stack([self.text_cache[s.prompts[i]][0] for i in indices])
+            pooled = torch.stack([self.text_cache[s.prompts[i]][1] for i in indices]) if self.sdxl else None
+            return {"hidden": hidden, "pooled": pooled}
+        n = len(self.text)
+        return {"ids": [torch.stack([s.ids[i][k] for i in indices]).to(self.device) for k in range(n)]}
+
+    def _target(self, latents, noise, timesteps):
+        if self.prediction_type == "epsilon":
+            return noise
+        return self.noise_scheduler.get_velocity(latents, noise, timesteps)
+
+    def loss(self, batch):
+        latents, time_ids = self._latents(batch)
+        noise = torch.randn_like(latents)
+        if self.config.noise_offset:
+            noise = noise + self.config.noise_offset * torch.randn(
+                latents.shape[0], latents.shape[1], 1, 1, device=latents.device
+            )
+        bsz = latents.shape[0]
+        timesteps = torch.randint(
+            0, self.noise_scheduler.config.num_train_timesteps, (bsz,), device=latents.device
+        )
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        target = self._target(latents, noise, timesteps)
+        pred = self.model(
+            noisy.to(self.unet_dtype), timesteps, time_ids=time_ids, **self._text_inputs(batch["indices"])
+        )
+        per_item = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if self.config.snr_gamma:
+            per_item = per_item * self._snr_weights(timesteps)
+        return per_item.mean(), bsz
+
+    def _snr_weights(self, timesteps):
+        ac = self.alphas_cumprod[timesteps].float()
+        snr = ac / (1 - ac)
+        clipped = torch.clamp(snr, max=self.config.snr_gamma)
+        return clipped / (snr + 1) if self.prediction_type == "v_prediction" else clipped / snr
+
+    def eval_loss(self) -> float | None:
+        """Unweighted noise-prediction loss on up to 8 training images at 4 fixed timesteps with fixed
+        noise: comparable across steps and runs (the data has no held-out split)."""
+        s = self.samples
+        generator = torch.Generator().manual_seed(1234)
+        total, count = 0.0, 0
+        T = self.noise_scheduler.config.num_train_timesteps
+        timesteps = torch.tensor([int(T * f) for f in (0.1, 0.35, 0.6, 0.85)], device=self.device)
+        for i in range(min(8, len(s.prompts))):
+            batch = {"indices": [i] * len(timesteps), "flips": [False] * len(timesteps), "crops": []}
+            if self.config.crop == "random":
+                w, h = s.buckets[i]
+                H, W = s.pixels[i].shape[1:]
+                batch["crops"] = [((H - h) // 2, (W - w) // 2)] * len(timesteps)
+            latents, time_ids = self._latents(batch, sample=False)
+            noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+            noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+            target = self._target(latents, noise, timesteps)
+            # The unwrapped module: this runs on the main process only, where a DDP forward would hang.
+            pred = self.container(
+                noisy.to(self.unet_dtype), timesteps, time_ids=time_ids, **self._text_inputs(batch["indices"])
+            )
+            total += F.mse_loss(pred.float(), target.float()).item()
+            count += 1
+        return total / count if count else None
+
+    def validation_prompts(self) -> list[str]:
+        if not hasattr(self, "builder"):
+            self.builder = prompt_builder(self.config)
+        if self.config.validation_prompts:
+            return list(self.config.validation_prompts)
+        seen = []
+        for record in self.records:
+            prompt = self.builder(record.caption)
+            if prompt not in seen:
+                seen.append(prompt)
+        return seen[:4]
+
+    def sample(self, step: int, out_dir: Path) -> None:
+        from loraforge.infer.image import GenerationSettings, generate
+
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        prompts = self.validation_prompts()
+        images = []
+        for prompt in prompts:
+            settings = GenerationSettings(
+                prompt=prompt,
+                seed=self.config.validation_seed,
+                steps=self.config.validation_steps,
+                guidance=self.config.validation_guidance,
+                width=self.resolution,
+                height=self.resolution,
+            )
+            images += generate(self.pipe, settings, 1)
+        path = out_dir / f"step-{step:06d}.png"
+        image_grid(images).save(path)
+        (out_dir / f"step-{step:06d}.txt").write_text("\n".join(prompts) + "\n", encoding="utf-8")
+        self.last_grid = path
+
+    def image_lora(self):
+        from loraforge.formats.diffusers import ImageLora, extract
+
+        lora = ImageLora()
+        lora.components["unet"] = extract(self.unet_lora, "default", "unet")
+        for component, te in self.te_loras.items():
+            lora.components[component] = extract(te, "default", component)
+        if self.tokens:
+            lora.tokens = list(self.tokens)
+            lora.embeddings = {c: w.new_rows.detach().float().cpu() for c, w in self.placeholders.items()}
+        return lora
+
+    def adapter_info(self) -> dict:
+        c = self.config
+        return {
+            "format": "loraforge-image",
+            "file_format": c.format,
+            "base": c.base,
+            "pipeline": type(self.pipe).__name__,
+            "rank": c.lora_r,
+            "alpha": c.lora_alpha,
+            "target_modules": c.target_modules or list(DEFAULT_UNET_TARGETS),
+            "text_encoder_lora": c.train_text_encoder,
+            "text_encoder_target_modules": list(c.text_encoder_target_modules)
+            if c.train_text_encoder
+            else [],
+            "caption_template": c.caption_template,
+            "instance_prompt": c.instance_prompt,
+            "resolution": self.resolution,
+            "prediction_type": self.prediction_type,
+            "validation_prompts": self.validation_prompts(),
+        }
+
+    def save_adapter(self, directory: Path) -> None:
+        import shutil
+
+        from loraforge.formats.diffusers import EMBEDS_NAME, save_diffusers, save_embeddings, save_info
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        lora = self.image_lora()
+        info = self.adapter_info()
+        if self.config.format == "kohya":
+            from loraforge.formats.kohya import KOHYA_NAME, save_kohya
+
+            save_kohya(directory / KOHYA_NAME, lora)
+            if lora.tokens:
+                save_embeddings(directory / EMBEDS_NAME, lora.tokens, lora.embeddings)
+            save_info(directory, lora, info)
+        else:
+            save_diffusers(directory, lora, info)
+        if self.last_grid is not None and self.last_grid.is_file():
+            shutil.copyfile(self.last_grid, directory / "validation.png")
+
+    def extra_state(self) -> dict:
+        return {"tokens": list(self.tokens)}
+
+    def load_extra_state(self, state: dict) -> None:
+        tokens = state.get("tokens")
+        if tokens is not None and list(tokens) != self.tokens:
+            raise ValueError(f"the checkpoint learned tokens {tokens}, this run has {self.tokens}")
+
+
+def prompt_builder(config: ImageTrainConfig) -> PromptBuilder:
+    """The run's prompt templates; without placeholder tokens the default templates drop their
+    "in the style of {tokens}" part (custom templates are used as given)."""
+    template, instance = config.caption_template, config.instance_prompt
+    if not config.placeholder_tokens:
+        defaults = {f.name: f.default for f in dataclasses.fields(ImageTrainConfig)}
+        if template == defaults["caption_template"]:
+            template = "{caption}"
+        if instance == defaults["instance_prompt"]:
+            instance = "a picture"
+    return PromptBuilder(list(config.placeholder_tokens), template, instance)
+
+
+def _uint8(image) -> torch.Tensor:
+    import numpy as np
+
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).copy())
+
+
+def image_grid(images: list, columns: int = 4):
+    from PIL import Image
+
+    columns = max(1, min(columns, len(images)))
+    rows = math.ceil(len(images) / columns)
+    w = max(im.size[0] for im in images)
+    h = max(im.size[1] for im in images)
+    grid = Image.new("RGB", (columns * w, rows * h), "white")
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % columns) * w, (i // columns) * h))
+    return grid
+
+
+def native_resolution(base: str) -> int:
+    """The pipeline's native image size, read from its configs (no weights are loaded)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from loraforge.bases import resolve_base
+
+    where = resolve_base(base)
+    unet = UNet2DConditionModel.load_config(where, subfolder="unet")
+    vae = AutoencoderKL.load_config(where, subfolder="vae")
+    sample = unet["sample_size"]
+    sample = sample if isinstance(sample, int) else min(sample)
+    return sample * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
+# -- command line ----------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser, ImageTrainConfig)
+
+
+def load_data(config: ImageTrainConfig, resolution: int | None = None):
+    """Scans the training data (before any model is loaded); errors name the bad files."""
+    data = config.data or str(EXAMPLE_DATA)
+    if resolution is None and not config.min_image_size:
+        try:
+            resolution = config.resolution or native_resolution(config.base)
+        except Exception:  # noqa: BLE001 - an unreadable base is reported when it is loaded, after the data
+            resolution = 16
+    min_size = config.min_image_size or max(1, (resolution or 16) // 2)
+    records, report = scan_images(data, min_size=min_size, strict=config.strict)
+    return records, report
+
+
+def run(args) -> int:
+    from accelerate import PartialState
+
+    from loraforge.train.loop import train
+
+    config = config_from_args(ImageTrainConfig, args)
+    records, report = load_data(config)
+    # cpu=True without a GPU: how accelerate recognises a multi-process CPU launch (torchrun).
+    main = PartialState(cpu=not torch.cuda.is_available()).is_main_process
+    if main:
+        lines = report.summary().splitlines()
+        print("\n".join(lines[:21] + ([f"  ... and {len(lines) - 21} more"] if len(lines) > 21 else [])))
+        save_config(config, Path(config.output_dir) / "train_config.yaml")
+    task = ImageTask(config, records)
+    task.log = print if main else (lambda *a, **k: None)
+    result = train(task, config)
+    if result.interrupted:
+        return 130
+    if main:
+        out = result.adapter_dir
+        tokens = "".join(task.tokens)
+        example = (task.validation_prompts() or [f"a picture in the style of {tokens}"])[0]
+        print(
+            f"adapter: {out} ({config.format} format; {result.steps} steps, final loss {result.train_loss:.4f})"
+        )
+        if (out / "validation.png").is_file():
+            print(f"validation images: {out / 'validation.png'}")
+        print(f'try: loraforge generate-image --base {config.base} --adapter {out} --prompt "{example}"')
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,372 @@
+"""`loraforge train`: LoRA fine-tuning of a causal language model.
+
+    loraforge train                                   # the embedded tiny-llama on the example task
+    loraforge train --config run.yaml --learning_rate 5e-4 --max_steps 300
+    accelerate launch --num_processes 2 -m loraforge.cli train ...   # or torchrun; DDP, rank 0 writes
+
+The run reads a YAML config (optional) and command-line overrides (see `examples/train_text.yaml`
+or `loraforge train --help`), checks the data before loading any model, trains with the shared loop
+(`loraforge.train.loop`) and writes a PEFT-format adapter to ``<output_dir>/adapter`` that
+`peft.PeftModel.from_pretrained` reads, with the resolved config, metrics and a loss curve beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from loraforge.cli import CliError
+from loraforge.data.text import IGNORE, DataError, Scan, TextDataset, prompt_and_reference, scan_text_file
+from loraforge.train.config import (
+    TextTrainConfig,
+    add_config_arguments,
+    config_from_args,
+    config_to_yaml,
+    save_config,
+)
+
+EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples" / "text"
+EXAMPLE_TRAIN = EXAMPLES_DIR / "train.jsonl"
+EXAMPLE_HELDOUT = EXAMPLES_DIR / "heldout.jsonl"
+CONFIG_NAME = "train_config.yaml"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# -- base model ------------------------------------------------------------------------------------
+
+
+def load_tokenizer(base: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    from loraforge.bases import resolve_base
+
+    path = resolve_base(base)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise CliError(f"cannot load the tokenizer of base {base!r}: {_first_line(e)}") from e
+    return tokenizer
+
+
+def load_base(base: str, dtype: str = "float32", trust_remote_code: bool = False):
+    """(model, tokenizer) for an embedded base name, a local transformers directory or a hub id."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from loraforge.bases import resolve_base
+
+    hf_logging.disable_progress_bar()  # a per-tensor "Loading weights" bar is noise for small models
+    tokenizer = load_tokenizer(base, trust_remote_code)
+    path = resolve_base(base)
+    kwargs = {"trust_remote_code": trust_remote_code}
+    kwargs["dtype"] = "auto" if dtype == "auto" else DTYPES[dtype]
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise CliError(f"cannot load base model {base!r}: {_first_line(e)}") from e
+    if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked out; any id will do
+    return model, tokenizer
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def default_target_modules(model) -> list[str] | str:
+    return "all-linear"
+
+
+# -- loss ------------------------------------------------------------------------------------------
+
+
+def _forward_kwargs(model, batch: dict, device) -> dict:
+    kwargs = {
+        "input_ids": batch["input_ids"].to(device),
+        "attention_mask": batch["attention_mask"].to(device),
+    }
+    if "position_ids" in batch:
+        kwargs["position_ids"] = batch["position_ids"].to(device)
+    if kwargs["attention_mask"].dim() == 4:
+        kwargs["attention_mask"] = kwargs["attention_mask"].to(_float_dtype(model))
+    return kwargs
+
+
+def _float_dtype(model) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point() and not p.requires_grad:
+            return p.dtype
+    return torch.float32
+
+
+def _accepts(model, name: str) -> bool:
+    target = model
+    while hasattr(target, "module") and not hasattr(target, "get_output_embeddings"):  # DDP wrapper
+        target = target.module
+    inner = getattr(target, "model", target)  # LoraModel -> transformers model
+    try:
+        return name in inspect.signature(inner.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def causal_lm_loss(model, batch: dict, device=None) -> tuple[torch.Tensor, int]:
+    """Mean next-token cross-entropy over the tokens whose label is not IGNORE, and their count.
+
+    Only positions that predict a labelled token go through the output head (`logits_to_keep`, where
+    the model supports it): with completion-only training that skips the prompt positions' head and
+    softmax, the largest single matrix of a small model.
+    """
+    device = device or next(model.parameters()).device
+    kwargs = _forward_kwargs(model, batch, device)
+    labels = batch["labels"].to(device)
+    targets = labels[:, 1:]
+    wanted = targets != IGNORE  # (B, L-1): position t predicts token t+1
+    n = int(wanted.sum())
+    keep = wanted.any(0).nonzero().flatten()
+    if _accepts(model, "logits_to_keep") and keep.numel() < targets.shape[1]:
+        logits = model(**kwargs, logits_to_keep=keep, use_cache=False).logits  # (B, K, V)
+        targets, wanted = targets[:, keep], wanted[:, keep]
+    else:
+        logits = model(**kwargs, use_cache=False).logits[:, :-1]
+    loss = F.cross_entropy(logits[wanted].float(), targets[wanted])
+    return loss, n
+
+
+@torch.no_grad()
+def dataset_loss(model, dataset: TextDataset, batch_size: int) -> float:
+    """Token-weighted mean loss of a dataset (completion tokens under completion training)."""
+    total = count = 0
+    for batch in dataset.eval_batches(batch_size):
+        loss, n = causal_lm_loss(model, batch)
+        total += float(loss) * n
+        count += n
+    return total / count
+
+
+# -- the task --------------------------------------------------------------------------------------
+
+
+def resolve_data(config: TextTrainConfig) -> tuple[Path, Path | None]:
+    """(train file, eval file or None), filling in the packaged example where the config leaves it empty."""
+    data = Path(config.data) if config.data else EXAMPLE_TRAIN
+    if config.eval_data in ("none", "None"):
+        eval_data = None
+    elif config.eval_data:
+        eval_data = Path(config.eval_data)
+    else:
+        eval_data = EXAMPLE_HELDOUT if not config.data else None
+    return data, eval_data
+
+
+class TextTask:
+    """The `Task` (see loraforge.train.loop) of causal-LM LoRA fine-tuning."""
+
+    def __init__(self, config: TextTrainConfig, log=print):
+        self.config = config
+        self.log = log
+        self.data_path, self.eval_path = resolve_data(config)
+        # Read and check the data first: bad files fail in a second, before any model is loaded.
+        self.train_scan: Scan = scan_text_file(self.data_path, strict=config.strict)
+        self.eval_scan: Scan | None = (
+            scan_text_file(self.eval_path, strict=config.strict) if self.eval_path else None
+        )
+        self.model = self.lora = self.tokenizer = None
+        self.accelerator = None
+
+    # -- Task interface ----------------------------------------------------------------------------
+
+    def build(self, accelerator):
+        from loraforge import LoraConfig, get_lora_model
+
+        c = self.config
+        self.accelerator = accelerator
+        say = accelerator.print
+        say(self.train_scan.report())
+        if self.eval_scan is not None:
+            say(self.eval_scan.report())
+        model, self.tokenizer = load_base(c.base, c.dtype, c.trust_remote_code)
+        model.config.use_cache = False
+        model.to(accelerator.device)
+        lora_config = LoraConfig(
+            r=c.lora_r,
+            lora_alpha=c.lora_alpha,
+            lora_dropout=c.lora_dropout,
+            target_modules=c.target_modules or default_target_modules(model),
+            task_type="CAUSAL_LM",
+            base_model_name_or_path=c.base,
+        )
+        self.lora = get_lora_model(model, lora_config)
+        self.model = self.lora
+        trainable, total = self.lora.get_nb_trainable_parameters()
+        targets = self.lora.peft_config["default"].target_modules
+        targets = ", ".join(targets) if isinstance(targets, list) else targets
+        say(
+            f"model: {c.base} ({type(model).__name__}, {total - trainable:,} parameters); "
+            f"adapter r={c.lora_r} on {targets}: {trainable:,} trainable"
+        )
+        self.train_set = TextDataset(
+            self.train_scan, self.tokenizer, c.max_length, c.train_on, c.packing, c.seed, c.group_by_length
+        )
+        say(f"train: {self.train_set.describe()}")
+        self.eval_set = None
+        if self.eval_scan is not None:
+            self.eval_set = TextDataset(
+                self.eval_scan, self.tokenizer, c.max_length, c.train_on, False, c.seed, True
+            )
+            say(f"eval: {self.eval_set.describe()}")
+
+    def trainable_parameters(self):
+        return [p for p in self.lora.parameters() if p.requires_grad]
+
+    def num_batches(self) -> int:
+        return self.train_set.num_batches(self.config.batch_size)
+
+    def train_batches(self, epoch: int, start: int = 0):
+        return self.train_set.batches(self.config.batch_size, epoch, start)
+
+    def loss(self, batch):
+        return causal_lm_loss(self.model, batch, self.accelerator.device)
+
+    def input_tokens(self, batch) -> int:
+        return int(batch["num_tokens"])
+
+    def eval_loss(self):
+        if self.eval_set is None:
+            return None
+        return dataset_loss(self.lora, self.eval_set, self.config.batch_size * 2)
+
+    def sample_prompts(self) -> list[list[int]]:
+        if self.config.sample_prompts:
+            return [self.tokenizer(p)["input_ids"] for p in self.config.sample_prompts]
+        scan = self.eval_scan or self.train_scan
+        prompts = []
+        for record in scan.records:
+            got = prompt_and_reference(record, self.tokenizer)
+            if got is not None:
+                prompts.append(got[0])
+            if len(prompts) == 3:
+                break
+        return prompts
+
+    def sample(self, step: int, out_dir: Path):
+        prompts = self.sample_prompts()
+        if not prompts:
+            return
+        out_dir.mkdir(parents=True, exist_ok=True)
+        lines = []
+        for ids in prompts:
+            text = generate_text(
+                self.lora, self.tokenizer, ids, max_new_tokens=self.config.sample_max_new_tokens
+            )
+            lines.append(
+                f"### prompt\n{self.tokenizer.decode(ids, skip_special_tokens=True)}\n### generation\n{text}\n"
+            )
+        (out_dir / f"step-{step}.txt").write_text("\n".join(lines), encoding="utf-8")
+
+    def save_adapter(self, directory):
+        self.lora.save_pretrained(directory)
+
+    def extra_state(self) -> dict:
+        return {"data": str(self.data_path), "examples": len(self.train_set.items)}
+
+    def load_extra_state(self, state: dict) -> None:
+        if state and state.get("examples") not in (None, len(self.train_set.items)):
+            self.accelerator.print(
+                f"note: the checkpoint was trained on {state['examples']} rows, the data now has {len(self.train_set.items)}"
+            )
+
+
+@torch.no_grad()
+def generate_text(model, tokenizer, prompt_ids: list[int], max_new_tokens: int = 48, **kwargs) -> str:
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([prompt_ids], device=device)
+    out = model.generate(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        **kwargs,
+    )
+    return tokenizer.decode(out[0, input_ids.shape[1] :], skip_special_tokens=True)
+
+
+# -- command line ----------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = "Every flag is also a YAML key; see examples/train_text.yaml."
+    add_config_arguments(parser, TextTrainConfig)
+
+
+def run(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+
+    from loraforge.train.loop import train
+
+    config = config_from_args(TextTrainConfig, args)
+    try:
+        task = TextTask(config)
+    except DataError as e:
+        raise CliError(str(e)) from e
+    state = PartialState(cpu=not torch.cuda.is_available())
+    out = Path(config.output_dir)
+    if state.is_main_process:
+        print("resolved config:\n  " + config_to_yaml(config).strip().replace("\n", "\n  "))
+        save_config(config, out / CONFIG_NAME)
+    result = train(task, config)
+    if not state.is_main_process:
+        return 130 if result.interrupted else 0
+    if result.interrupted:
+        return 130
+    adapter = result.adapter_dir
+    summary = [
+        f"done: {result.steps} steps in {result.elapsed_s:.0f}s ({result.tokens:,} tokens); final train loss "
+        f"{result.train_loss:.4f}"
+        + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""),
+        f"adapter: {adapter}   (config: {out / CONFIG_NAME}, metrics: {out / 'metrics.csv'}, curve: {out / 'loss.png'})",
+        "use it:",
+    ]
+    base = shlex.quote(config.base)
+    prompt = _example_prompt(task).replace("\n", "\\n")  # `generate` turns a typed \n into a newline
+    summary.append(
+        f"  loraforge generate --base {base} --adapter {shlex.quote(str(adapter))} --greedy --prompt {shlex.quote(prompt)}"
+    )
+    if task.eval_path is not None:
+        summary.append(
+            f"  loraforge eval-text --base {base} --adapter {shlex.quote(str(adapter))} --data {shlex.quote(str(task.eval_path))}"
+        )
+    base_path = config.base
+    from loraforge.bases import EMBEDDED_BASES
+
+    if config.base in EMBEDDED_BASES:
+        base_path = str(EMBEDDED_BASES[config.base][1])
+    summary.append(
+        "  python: from transformers import AutoModelForCausalLM; from peft import PeftModel; "
+        f"model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({base_path!r}), {str(adapter)!r})"
+    )
+    print("\n".join(summary))
+    sys.stdout.flush()
+    return 0
+
+
+def _example_prompt(task: TextTask) -> str:
+    if task.config.sample_prompts:
+        return task.config.sample_prompts[0]
+    for record in (task.eval_scan or task.train_scan).records:
+        if record.kind == "prompt_completion":
+            return record.fields.get("prompt", "")
+        if record.kind == "alpaca":
+            from loraforge.data.text import alpaca_prompt
+
+            return alpaca_prompt(record.fields["instruction"], record.fields.get("input", ""))
+        break
+    return "Hello"

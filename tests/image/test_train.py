@@ -1,0 +1,222 @@
+"""`loraforge train-image`: the real CLI, learned tokens, resume, data errors, the training options."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from tiny_pipelines import build_tiny_sd, make_style_images, train_adapter
+
+from loraforge.cli import main
+
+
+def _cli():
+    exe = shutil.which("loraforge")
+    return [exe] if exe else [sys.executable, "-m", "loraforge.cli"]
+
+
+def test_cli_train_image_writes_the_adapter_files(tiny_sd, style_dir, tmp_path):
+    out = tmp_path / "run"
+    cmd = _cli() + [
+        "train-image",
+        "--base",
+        tiny_sd,
+        "--data",
+        str(style_dir),
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "4",
+        "--batch_size",
+        "2",
+        "--save_every",
+        "2",
+        "--sample_every",
+        "2",
+        "--validation_steps",
+        "2",
+        "--progress_bar",
+        "false",
+        "--tensorboard",
+        "false",
+        "--lora_r",
+        "4",
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "4 usable image(s), 4 with a caption" in proc.stdout
+    assert "loraforge generate-image" in proc.stdout
+
+    adapter = out / "adapter"
+    weights = load_file(adapter / "pytorch_lora_weights.safetensors")
+    assert weights and all(
+        k.startswith("unet.") and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in weights
+    )
+    assert any(".attn2.to_out.0.lora_B.weight" in k for k in weights)
+    assert weights["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight"].shape == (
+        4,
+        16,
+    )
+    assert sorted(load_file(adapter / "learned_embeds.safetensors")) == ["<s1>", "<s2>"]
+    info = json.loads((adapter / "adapter_info.json").read_text())
+    assert info["tokens"] == ["<s1>", "<s2>"] and info["rank"] == 4 and info["base"] == tiny_sd
+    assert info["target_modules"] == ["to_q", "to_k", "to_v", "to_out.0"]
+    assert Image.open(adapter / "validation.png").size == (16 * 2, 16)  # two caption prompts, one row
+    assert (out / "samples" / "step-000002.png").is_file() and (out / "samples" / "step-000004.png").is_file()
+    assert (out / "checkpoints" / "step-2" / "adapter" / "pytorch_lora_weights.safetensors").is_file()
+    assert (out / "checkpoints" / "step-4" / "trainer_state.pt").is_file()
+    assert (out / "metrics.csv").read_text().count("\n") >= 2 and (out / "train_config.yaml").is_file()
+
+
+def test_only_the_new_token_rows_change(tiny_sd, style_dir, tmp_path):
+    from loraforge.infer.image import load_pipeline
+
+    original = load_pipeline(tiny_sd).text_encoder.get_input_embeddings().weight.detach().clone()
+    result, task = train_adapter(tiny_sd, style_dir, tmp_path / "run", max_steps=3)
+    wrapper = task.placeholders["text_encoder"]
+    n = original.shape[0]
+    assert wrapper.first_id == n and wrapper.base.weight.shape[0] == n + 2
+    assert torch.equal(wrapper.base.weight[:n], original)  # every existing row bit-identical
+    assert wrapper.base.weight.grad is None and not wrapper.base.weight.requires_grad
+    saved = load_file(result.adapter_dir / "learned_embeds.safetensors")
+    init = wrapper.base.weight[n:]  # the rows were initialised to the starting vectors
+    assert not torch.equal(saved["<s1>"], init[0]) and not torch.equal(saved["<s2>"], init[1])
+    torch.testing.assert_close(saved["<s1>"], wrapper.new_rows[0].detach())
+    # The optimizer only ever saw the new rows, in their own group (no weight decay).
+    groups = task.parameter_groups()
+    assert any(g["params"] == [wrapper.new_rows] and g["weight_decay"] == 0.0 for g in groups)
+
+
+def test_resume_continues_exactly(tiny_sd, style_dir, tmp_path):
+    straight, _ = train_adapter(tiny_sd, style_dir, tmp_path / "straight", max_steps=4)
+    train_adapter(tiny_sd, style_dir, tmp_path / "split", max_steps=2, save_every=2)
+    resumed, _ = train_adapter(tiny_sd, style_dir, tmp_path / "split", max_steps=4, resume="latest")
+    assert resumed.steps == 4
+    a = load_file(straight.adapter_dir / "pytorch_lora_weights.safetensors")
+    b = load_file(resumed.adapter_dir / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+    ea = load_file(straight.adapter_dir / "learned_embeds.safetensors")
+    eb = load_file(resumed.adapter_dir / "learned_embeds.safetensors")
+    torch.testing.assert_close(ea["<s2>"], eb["<s2>"], rtol=0, atol=1e-6)
+
+
+def test_no_usable_image_fails_before_any_model_loads(tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "notes.txt").write_text("no images here")
+    (data / "photo.jpg").write_bytes(b"not really a jpeg")
+    rc = main(
+        [
+            "train-image",
+            "--base",
+            str(tmp_path / "no-such-base"),
+            "--data",
+            str(data),
+            "--output_dir",
+            str(tmp_path / "out"),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "no usable training image" in err and "photo.jpg" in err
+    assert not (tmp_path / "out" / "adapter").exists()
+
+
+def test_strict_stops_on_a_bad_image(tiny_sd, style_dir, tmp_path, capsys):
+    good = (style_dir / "img0.png").read_bytes()
+    (style_dir / "cut.png").write_bytes(good[: len(good) // 2])
+    rc = main(
+        [
+            "train-image",
+            "--base",
+            tiny_sd,
+            "--data",
+            str(style_dir),
+            "--strict",
+            "--output_dir",
+            str(tmp_path / "o"),
+        ]
+    )
+    assert rc == 2 and "cut.png" in capsys.readouterr().err
+
+
+def test_options_vpred_buckets_random_crop_flip_kohya(tmp_path):
+    base = build_tiny_sd(tmp_path / "vpred", prediction_type="v_prediction")
+    data = make_style_images(tmp_path / "data", count=3)
+    Image.fromarray(np.full((16, 32, 3), 200, np.uint8)).save(data / "wide.png")  # 2:1, no caption
+    result, task = train_adapter(
+        str(base),
+        data,
+        tmp_path / "run",
+        max_steps=2,
+        crop="random",
+        flip=True,
+        noise_offset=0.1,
+        snr_gamma=5.0,
+        format="kohya",
+        token_init="style",
+        batch_size=2,
+    )
+    assert task.prediction_type == "v_prediction" and not task.cached
+    assert task.samples.buckets[-1][0] > task.samples.buckets[-1][1]  # the wide image got a wide bucket
+    for batch in task.train_batches(0):
+        assert len({task.samples.buckets[i] for i in batch["indices"]}) == 1
+    assert "a picture in the style of <s1><s2>" in task.samples.prompts
+    assert np.isfinite(result.train_loss)
+    files = sorted(p.name for p in result.adapter_dir.iterdir())
+    assert files == ["adapter_info.json", "learned_embeds.safetensors", "lora.safetensors", "validation.png"]
+    keys = load_file(result.adapter_dir / "lora.safetensors")
+    assert all(k.startswith("lora_unet_") for k in keys)
+    assert "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_k.alpha" in keys
+
+
+def test_loss_targets_and_min_snr_weights(tiny_sd, style_dir, tmp_path):
+    _, task = train_adapter(tiny_sd, style_dir, tmp_path / "run", max_steps=1, snr_gamma=5.0)
+    latents, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    t = torch.tensor([10, 900])
+    assert torch.equal(task._target(latents, noise, t), noise)
+    task.prediction_type = "v_prediction"
+    torch.testing.assert_close(
+        task._target(latents, noise, t), task.noise_scheduler.get_velocity(latents, noise, t)
+    )
+    ac = task.noise_scheduler.alphas_cumprod[t]
+    snr = ac / (1 - ac)
+    torch.testing.assert_close(task._snr_weights(t), torch.clamp(snr, max=5.0) / (snr + 1))
+    task.prediction_type = "epsilon"
+    weights = task._snr_weights(t)
+    assert weights[0] < 1 and weights[1] == 1  # low noise (high SNR) is down-weighted
+
+
+def test_gradient_checkpointing_and_bf16_autocast_still_train(tiny_sd, style_dir, tmp_path):
+    result, task = train_adapter(
+        tiny_sd,
+        style_dir,
+        tmp_path / "run",
+        max_steps=2,
+        gradient_checkpointing=True,
+        mixed_precision="bf16",
+        train_text_encoder=True,
+    )
+    assert task.unet_lora.model.is_gradient_checkpointing
+    weights = load_file(result.adapter_dir / "pytorch_lora_weights.safetensors")
+    ups = [v for k, v in weights.items() if k.endswith("lora_B.weight")]
+    assert all(v.abs().sum() > 0 for v in ups)  # B starts at zero: every one received gradient
+    assert any(k.startswith("text_encoder.") for k in weights)
+
+
+def test_prompt_templates_without_tokens():
+    from loraforge.train.config import load_config
+    from loraforge.train.image import ImageTrainConfig, prompt_builder
+
+    builder = prompt_builder(load_config(ImageTrainConfig, overrides={"placeholder_tokens": []}))
+    assert builder("a circle") == "a circle" and builder(None) == "a picture"
+    builder = prompt_builder(load_config(ImageTrainConfig, overrides={"placeholder_tokens": "<x>"}))
+    assert builder("a circle") == "a circle, in the style of <x>"
