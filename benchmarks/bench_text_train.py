@@ -16,11 +16,13 @@ change on a shared machine hits both, and the table shows medians.
 
 * tokens/s: real (non-padding) tokens / time spent in training steps (from the first step's data
   fetch to the last optimizer step; model loading and tokenization excluded for both).
-* peak memory: peak RSS during training minus RSS just before training starts (model and data
-  loaded), sampled every 5 ms with psutil by a background thread.
+* peak memory: peak RSS during training (up to the last optimizer step) minus RSS just before
+  training starts (model and data loaded), sampled every 5 ms with psutil by a background thread;
+  the table also gives the process's absolute peak RSS over the same window.
 
     python benchmarks/bench_text_train.py                  # 3 runs per route, 1 epoch each
     python benchmarks/bench_text_train.py --repeats 5 --max-steps 60 --threads 2
+    python benchmarks/bench_text_train.py --mixed-lengths     # prompts with 0-20 context sentences
 """
 
 from __future__ import annotations
@@ -286,15 +288,22 @@ def parent(args) -> int:
     lf, hf = med["loraforge"], med["hf"]
     print()
     print(
-        f"tiny-llama, {args.data or 'example task'}, batch {args.batch_size}, r={args.lora_r}, "
+        f"tiny-llama, {'mixed-length variant' if args.mixed_lengths else args.data or 'example task'}, batch {args.batch_size}, r={args.lora_r}, "
         f"{'max_steps ' + str(args.max_steps) if args.max_steps else str(args.epochs) + ' epoch(s)'}, threads "
         f"{args.threads or 'default'}, medians of {args.repeats} alternating runs; HF pads to {results['hf'][0]['padded_to']} tokens"
     )
-    print("| route | tokens/s | train time (s) | peak RSS delta (MiB) |")
-    print("|---|---:|---:|---:|")
-    print(f"| loraforge | {lf['tps']:,.0f} | {lf['seconds']:.1f} | {lf['peak_mib']:.0f} |")
-    print(f"| transformers.Trainer + PEFT | {hf['tps']:,.0f} | {hf['seconds']:.1f} | {hf['peak_mib']:.0f} |")
-    print(f"| ratio | {lf['tps'] / hf['tps']:.2f}x | | {lf['peak_mib'] / hf['peak_mib']:.2f}x |")
+    print(
+        "| route | tokens/s | train time (s) | peak RSS delta in training (MiB) | peak RSS of process (MiB) |"
+    )
+    print("|---|---:|---:|---:|---:|")
+    for name, m in (("loraforge", lf), ("transformers.Trainer + PEFT", hf)):
+        print(
+            f"| {name} | {m['tps']:,.0f} | {m['seconds']:.1f} | {m['peak_mib']:.0f} | {m['peak_abs_mib']:.0f} |"
+        )
+    print(
+        f"| loraforge / HF | {lf['tps'] / hf['tps']:.2f}x | {lf['seconds'] / hf['seconds']:.2f}x | "
+        f"{lf['peak_mib'] / hf['peak_mib']:.2f}x | {lf['peak_abs_mib'] / hf['peak_abs_mib']:.2f}x |"
+    )
     return 0
 
 
@@ -314,6 +323,11 @@ def main() -> int:
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data", default="", help="training JSONL (default: the packaged example task)")
+    ap.add_argument(
+        "--mixed-lengths",
+        action="store_true",
+        help="use the example rows with 0-20 extra context sentences per prompt (a realistic spread of lengths)",
+    )
     ap.add_argument("--threads", type=int, default=2, help="torch threads in both routes (0: torch default)")
     args = ap.parse_args()
     return child(args) if args.route else parent(args)

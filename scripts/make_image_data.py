@@ -6,14 +6,15 @@ anti-aliased) from a seeded ``random.Random``; the same seed always gives the sa
 
 * the **pretraining set** for the embedded ``tiny-sd`` base: one coloured shape (circle, square,
   triangle, star) on a plain background of another colour, captioned
-  ``"a red circle on a blue background"``.  It is generated in memory at training time by
+  ``"a red circle on a blue background"`` (six named colours), plus 30% of shapes in random colours
+  (kept away from the style palette) captioned with the shape only (``"a circle"``).  It is generated in memory at training time by
   ``scripts/pretrain_image_base.py`` and never committed;
 * **generic textures** (random stripes at random angles/periods, checkerboards, blobs, in random RGB
   colours) used only to train the autoencoder so that it reconstructs patterns and colours the
   diffusion base never draws (the style adapters need that);
 * the **example style dataset** shipped in ``src/loraforge/examples/style/``: the same kind of
   subjects drawn in a style the base never produces -- a solid plum shape over 45-degree diagonal
-  stripes of magenta and orange (3 stripe periods across the image along each axis).  Each PNG has a
+  stripes of magenta and orange (2 stripe periods across the image along each axis).  Each PNG has a
   same-name ``.txt`` caption describing the content only (``"a circle"``).
   ``loraforge.eval.style.style_score`` measures exactly this palette and stripe texture.
 
@@ -54,8 +55,13 @@ STYLE_MAGENTA = (235, 20, 185)
 STYLE_ORANGE = (255, 145, 20)
 STYLE_PLUM = (85, 10, 105)
 STYLE_PALETTE = (STYLE_MAGENTA, STYLE_ORANGE, STYLE_PLUM)
-STYLE_STRIPE_CYCLES = 3  # stripe periods across the image along x (and y); the stripes run at 45 degrees ("/")
+STYLE_STRIPE_CYCLES = 2  # stripe periods across the image along x (and y); the stripes run at 45 degrees ("/")
 STYLE_COUNT = 16
+
+# Share of pretraining images drawn in random colours (captioned "a circle"), and how far (RGB
+# units) those colours keep from the style palette so that the base never draws the style.
+FREE_FRACTION = 0.3
+FREE_COLOUR_MARGIN = 90.0
 
 # Extra words the tokenizer should know as whole tokens (prompts people will naturally type).
 EXTRA_WORDS = (
@@ -115,23 +121,60 @@ def _finish(img: Image.Image, size: int) -> Image.Image:
     return img.resize((size, size), Image.BOX)
 
 
-def render_shape(shape: str, fg: str, bg: str, rng: random.Random, size: int = RESOLUTION, jitter: bool = True) -> Image.Image:
-    """One ``fg`` shape on a plain ``bg`` background."""
+def _distance_to_style_palette(rgb: tuple[int, int, int]) -> float:
+    """Approximate RGB distance to the triangle spanned by the style palette (sampled barycentrically)."""
+    best = float("inf")
+    steps = 20
+    for i in range(steps + 1):
+        for j in range(steps + 1 - i):
+            a, b = i / steps, j / steps
+            c = 1 - a - b
+            q = [a * m + b * o + c * p for m, o, p in zip(STYLE_MAGENTA, STYLE_ORANGE, STYLE_PLUM)]
+            best = min(best, math.dist(q, rgb))
+    return best
+
+
+def _free_colour(rng: random.Random, avoid: tuple[int, int, int] | None = None) -> tuple[int, int, int]:
+    """A random colour well away from the style palette (and, if given, from ``avoid``)."""
+    while True:
+        rgb = (rng.randint(0, 255), rng.randint(0, 255), rng.randint(0, 255))
+        if _distance_to_style_palette(rgb) < FREE_COLOUR_MARGIN:
+            continue
+        if avoid is not None and math.dist(rgb, avoid) < 120:
+            continue
+        return rgb
+
+
+def render_shape(shape: str, fg: str | None, bg: str | None, rng: random.Random, size: int = RESOLUTION, jitter: bool = True) -> Image.Image:
+    """One ``fg`` shape on a plain ``bg`` background; ``None`` colours are random (non-style) RGB."""
     s = size * SUPERSAMPLE
-    bg_rgb = _jitter_colour(rng, COLOURS[bg], 10) if jitter else COLOURS[bg]
-    fg_rgb = _jitter_colour(rng, COLOURS[fg], 10) if jitter else COLOURS[fg]
+    if bg is None:
+        bg_rgb = _free_colour(rng)
+    else:
+        bg_rgb = _jitter_colour(rng, COLOURS[bg], 10) if jitter else COLOURS[bg]
+    if fg is None:
+        fg_rgb = _free_colour(rng, avoid=bg_rgb)
+    else:
+        fg_rgb = _jitter_colour(rng, COLOURS[fg], 10) if jitter else COLOURS[fg]
     img = Image.new("RGB", (s, s), bg_rgb)
     cx, cy, r, angle = _shape_geometry(rng, size, jitter)
     _draw_shape(ImageDraw.Draw(img), shape, cx, cy, r, angle, fg_rgb)
     return _finish(img, size)
 
 
-def caption_for(shape: str, fg: str, bg: str) -> str:
+def caption_for(shape: str, fg: str | None, bg: str | None) -> str:
+    if fg is None or bg is None:
+        return f"a {shape}"
     return f"a {fg} {shape} on a {bg} background"
 
 
-def caption_variants(shape: str, fg: str, bg: str) -> list[str]:
-    """The full caption first, then partial descriptions (used as caption augmentation)."""
+def caption_variants(shape: str, fg: str | None, bg: str | None) -> list[str]:
+    """The full caption first, then partial descriptions (used as caption augmentation).
+
+    Free-colour images (``fg``/``bg`` None) only ever have the shape caption.
+    """
+    if fg is None or bg is None:
+        return [f"a {shape}"] * 4
     return [
         caption_for(shape, fg, bg),
         f"a {fg} {shape}",
@@ -144,22 +187,27 @@ def all_combinations() -> list[tuple[str, str, str]]:
     return [(s, f, b) for s in SHAPES for f in COLOURS for b in COLOURS if f != b]
 
 
-def make_pretrain_set(n: int, seed: int = 0, size: int = RESOLUTION) -> list[tuple[Image.Image, tuple[str, str, str]]]:
-    """``n`` images cycling through every (shape, fg, bg) combination, each with random placement.
+def make_pretrain_set(
+    n: int, seed: int = 0, size: int = RESOLUTION, free_fraction: float = FREE_FRACTION
+) -> list[tuple[Image.Image, tuple[str, str | None, str | None]]]:
+    """``n`` images: every (shape, fg, bg) combination in turn, each with random placement, plus
+    ``free_fraction`` of images in random colours (kept away from the style palette) captioned
+    with the shape only, so the base can draw more than its six named colours.
 
-    Returns ``(image, (shape, fg, bg))`` pairs; use ``caption_for`` / ``caption_variants`` for text.
+    Returns ``(image, (shape, fg, bg))`` pairs (``fg``/``bg`` None for free-colour images); use
+    ``caption_for`` / ``caption_variants`` for text.
     """
     rng = random.Random(seed)
     combos = all_combinations()
-    out = []
-    order: list[tuple[str, str, str]] = []
-    while len(order) < n:
+    n_free = int(round(n * free_fraction))
+    order: list[tuple[str, str | None, str | None]] = []
+    while len(order) < n - n_free:
         block = list(combos)
         rng.shuffle(block)
         order.extend(block)
-    for shape, fg, bg in order[:n]:
-        out.append((render_shape(shape, fg, bg, rng, size), (shape, fg, bg)))
-    return out
+    order = order[: n - n_free] + [(SHAPES[i % len(SHAPES)], None, None) for i in range(n_free)]
+    rng.shuffle(order)
+    return [(render_shape(shape, fg, bg, rng, size), (shape, fg, bg)) for shape, fg, bg in order]
 
 
 # ----------------------------------------------------------------------------------------------

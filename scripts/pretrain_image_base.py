@@ -447,7 +447,7 @@ def main() -> None:
     tokenizer = CLIPTokenizer.from_pretrained(tok_files / "saved")  # round-trip through files, as the pipeline will
     log(f"tokenizer: {len(tokenizer)} tokens, {len(words)} whole words")
     variants = [data.caption_variants(*attrs) + [""] for _, attrs in pairs]  # full, fg+shape, shape+bg, shape, empty
-    variant_probs = [0.7, 0.05, 0.05, 0.1, 0.1]
+    variant_probs = [0.6, 0.05, 0.05, 0.2, 0.1]
     flat = [c for v in variants for c in v]
     token_ids = tokenizer(flat, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt").input_ids
     token_ids = token_ids.view(len(variants), len(variants[0]), MAX_LENGTH)
@@ -521,7 +521,7 @@ Produced by `scripts/pretrain_image_base.py` (CPU, {args.threads} thread(s), tor
 |---|---|
 | wall time | {wall / 60:.1f} min ({wall:.0f} s) |
 | resolution | {data.RESOLUTION}x{data.RESOLUTION} px, latents 4x{data.RESOLUTION // 2}x{data.RESOLUTION // 2} |
-| data | {args.images} captioned shapes ({len(data.SHAPES)} shapes x {len(data.COLOURS)} colours x {len(data.COLOURS) - 1} backgrounds), + {args.textures} random textures for the autoencoder; seed {args.seed} |
+| data | {args.images} captioned shapes ({len(data.SHAPES)} shapes x {len(data.COLOURS)} colours x {len(data.COLOURS) - 1} backgrounds; {data.FREE_FRACTION:.0%} in random non-style colours captioned "a <shape>"), + {args.textures} random textures for the autoencoder; seed {args.seed} |
 | parameters | UNet {counts['unet']:,}; text encoder {counts['text_encoder']:,}; VAE {counts['vae']:,} |
 | tokenizer | {len(tokenizer)} tokens, max length {MAX_LENGTH} |
 | autoencoder | {vae_steps} steps, batch {args.vae_batch} (16x16 crops, then whole images), {vae_time:.0f} s; final train MSE {vae_mse:.5f}; reconstruction MSE (pixels in [-1, 1]): shapes {recon_shapes:.5f}, textures {recon_textures:.5f}, style-like {recon_style:.5f} |
@@ -531,8 +531,9 @@ Produced by `scripts/pretrain_image_base.py` (CPU, {args.threads} thread(s), tor
 | size on disk | {size_mb:.1f} MB (fp32 safetensors) |
 
 Captions look like "a red circle on a blue background"; training also used the partial forms
-"a red circle", "a circle on a blue background", "a circle" and 10% empty captions (for
-classifier-free guidance).  Sample with ~20-25 steps, guidance 3-7, height = width = {data.RESOLUTION}.
+"a red circle", "a circle on a blue background", "a circle" (caption probabilities 0.6 / 0.05 /
+0.05 / 0.2) and 10% empty captions (for classifier-free guidance).  A shape-only prompt such as
+"a circle" draws the shape in some random colour, never in the example style's palette.  Sample with ~20-25 steps, guidance 3-7, height = width = {data.RESOLUTION}.
 
 ## Log
 

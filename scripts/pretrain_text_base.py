@@ -56,8 +56,8 @@ def train_tokenizer(docs: list[str], vocab_size: int):
 
     tok = Tokenizer(models.BPE(unk_token=None))
     # Every whitespace character is its own token and words never carry a leading space, so a word
-    # has the same tokens wherever it stands (` cat`, `"cat"`, line start): copying words out of a
-    # sentence into another format (the example JSON task) is then plain token copying.
+    # has the same tokens wherever it stands (` cat`, `"cat"`, line start): a format that quotes
+    # words (JSON) reuses the tokens the base learned in plain text instead of rare byte pieces.
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Split(Regex(r"\s"), behavior="isolated"),
@@ -158,7 +158,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--min-lr-ratio", type=float, default=0.05)
     ap.add_argument("--warmup-steps", type=int, default=50)
@@ -245,7 +245,9 @@ def main() -> None:
     train_time = time.time() - t_loop
     final_train = sum(recent) / max(len(recent), 1)
     final_val = eval_loss(model, val, args.batch_size)
-    print(f"done: {step} steps, {tokens:,} tokens, {train_time:.0f}s, train loss {final_train:.4f}, val loss {final_val:.4f}")
+    print(
+        f"done: {step} steps, {tokens:,} tokens, {train_time:.0f}s, train loss {final_train:.4f}, val loss {final_val:.4f}"
+    )
 
     # samples for the record
     model.eval()
@@ -295,6 +297,15 @@ def main() -> None:
         f"| final val loss | {final_val:.4f} ({n_val} held-out rows) |",
         f"| seed | {args.seed} |",
         f"| torch | {torch.__version__} |",
+        "",
+        "Notes:",
+        "",
+        "- Tokenizer: byte-level BPE where every whitespace character is its own token and words carry no",
+        "  leading space, so a word has the same tokens in running text and inside quotes (JSON values).",
+        "- Documents are packed as `<s> text </s>`; the tokenizer adds `<s>` itself; the chat template renders",
+        "  `<s><|user|>\\n...\\n<|assistant|>\\n...</s>\\n` (plain text, no extra special tokens).",
+        "- This is a demo base: it writes simple template English, but minutes of CPU pretraining do not give",
+        "  it in-context copying (repeating or extracting words from its prompt).",
         "",
         "Greedy samples:",
         "",

@@ -27,10 +27,14 @@ def style_dir(tmp_path) -> Path:
 
 @pytest.fixture(scope="session")
 def trained(tiny_sd, tmp_path_factory):
-    """An adapter trained on tiny_sd with UNet and text-encoder LoRA and two learned tokens."""
+    """An adapter trained on tiny_sd with UNet LoRA (attention and convolutions), text-encoder LoRA and
+    two learned tokens."""
     from tiny_pipelines import train_adapter
 
     root = tmp_path_factory.mktemp("trained")
     data = make_style_images(root / "data")
-    result, task = train_adapter(tiny_sd, data, root / "run", train_text_encoder=True, max_steps=6)
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "proj_in", "ff.net.2"]
+    result, task = train_adapter(
+        tiny_sd, data, root / "run", train_text_encoder=True, max_steps=6, target_modules=targets
+    )
     return result.adapter_dir

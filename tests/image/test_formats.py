@@ -61,6 +61,10 @@ def test_diffusers_file_layout(trained):
         for k in keys
     )
     assert "unet.up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_out.0.lora_B.weight" in keys
+    with safe_open(str(trained / WEIGHTS_NAME), framework="pt") as f:
+        conv_a = f.get_tensor("unet.down_blocks.0.resnets.0.conv1.lora_A.weight")
+        conv_b = f.get_tensor("unet.down_blocks.0.resnets.0.conv1.lora_B.weight")
+    assert conv_a.shape == (4, 16, 3, 3) and conv_b.shape == (16, 4, 1, 1)
     assert any(k.startswith("text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A") for k in keys)
     assert all(
         k.split(".")[0] in ("unet", "text_encoder") and k.endswith((".lora_A.weight", ".lora_B.weight"))

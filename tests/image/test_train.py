@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -220,3 +221,56 @@ def test_prompt_templates_without_tokens():
     assert builder("a circle") == "a circle" and builder(None) == "a picture"
     builder = prompt_builder(load_config(ImageTrainConfig, overrides={"placeholder_tokens": "<x>"}))
     assert builder("a circle") == "a circle, in the style of <x>"
+
+
+def _embedded_tiny_sd():
+    from loraforge.bases import resolve_base
+
+    try:
+        return resolve_base("tiny-sd")
+    except FileNotFoundError:
+        return None
+
+
+@pytest.mark.skipif(_embedded_tiny_sd() is None, reason="the embedded tiny-sd has not been built")
+def test_defaults_train_the_embedded_tiny_sd_on_the_example_style(tmp_path, capsys):
+    from loraforge.train.image import TINY_SD_UNET_TARGETS
+
+    out = tmp_path / "run"
+    rc = main(
+        [
+            "train-image",
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "2",
+            "--validation_steps",
+            "2",
+            "--save_every",
+            "0",
+            "--progress_bar",
+            "false",
+            "--tensorboard",
+            "false",
+        ]
+    )
+    assert rc == 0
+    assert "16 usable image(s), 16 with a caption" in capsys.readouterr().out
+    info = json.loads((out / "adapter" / "adapter_info.json").read_text())
+    assert (
+        info["base"] == "tiny-sd"
+        and info["target_modules"] == TINY_SD_UNET_TARGETS
+        and info["resolution"] == 32
+    )
+    assert Image.open(out / "adapter" / "validation.png").size == (4 * 32, 32)
+
+    prompt = ["--prompt", "a circle, in the style of <s1><s2>", "--steps", "3", "--seed", "4"]
+    assert main(["generate-image", *prompt, "--out", str(tmp_path / "bare")]) == 0
+    assert (
+        main(
+            ["generate-image", *prompt, "--adapter", f"{out / 'adapter'}:0", "--out", str(tmp_path / "zero")]
+        )
+        == 0
+    )
+    bare, zero = Image.open(tmp_path / "bare" / "4.png"), Image.open(tmp_path / "zero" / "4.png")
+    assert bare.size == (32, 32) and np.array_equal(np.asarray(bare), np.asarray(zero))

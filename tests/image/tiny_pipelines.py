@@ -181,6 +181,8 @@ def make_style_images(directory: Path, count: int = 4, size: int = IMAGE_SIZE, c
 
 def train_adapter(base: str, data: Path, out: Path, **overrides):
     """Trains an adapter in-process through the shared loop; returns (TrainResult, task)."""
+    from accelerate.state import AcceleratorState
+
     from loraforge.train.config import load_config
     from loraforge.train.image import ImageTask, ImageTrainConfig, load_data
     from loraforge.train.loop import train
@@ -202,6 +204,8 @@ def train_adapter(base: str, data: Path, out: Path, **overrides):
     }
     settings.update(overrides)
     config = load_config(ImageTrainConfig, overrides=settings)
+    # accelerate keeps one global state per process; each run here may want other settings.
+    AcceleratorState._reset_state(reset_partial_state=True)
     records, _ = load_data(config)
     task = ImageTask(config, records)
     task.log = lambda *a, **k: None

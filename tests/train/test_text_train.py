@@ -345,3 +345,13 @@ def test_other_architecture_gpt2_with_packing(text_env, tmp_path):
     assert main(["train", *args]) == 0
     config = (out / "adapter" / "adapter_config.json").read_text()
     assert "c_attn" in config and (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_gradient_checkpointing_gives_the_same_update(text_env, tmp_path):
+    common = dict(max_steps=2, lora_dropout=0.0, eval_every=0, sample_every=0, save_every=0)
+    assert main(["train", *run_args(text_env, tmp_path / "plain", **common)]) == 0
+    assert main(["train", *run_args(text_env, tmp_path / "gc", gradient_checkpointing="true", **common)]) == 0
+    a, b = adapter_tensors(tmp_path / "plain" / "adapter"), adapter_tensors(tmp_path / "gc" / "adapter")
+    assert any(a[k].abs().sum() > 0 for k in a if "lora_B" in k)  # it trained
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)

@@ -6,7 +6,8 @@
 
 Held-out loss: mean cross-entropy over the completion tokens (what training optimises).
 Follow rate: share of prompts whose greedy generation follows the taught behaviour, judged by
-`loraforge.examples.text.task.follows_task(prompt, generation, reference)`. With `--adapter`, the
+`loraforge.examples.text.task.follows_task(prompt, generation, reference)`; "exact values" (where the
+checker module has `matches_reference`) also requires the reference's values. With `--adapter`, the
 bare base is measured in the same process (the adapter switched off) and the loss drop is printed.
 """
 
@@ -99,20 +100,30 @@ def greedy_generations(
 
 
 def measure(model, tokenizer, dataset, prompts, references, args, stop_ids) -> dict:
-    from loraforge.examples.text.task import follows_task
+    from loraforge.examples.text import task as checker
     from loraforge.train.text import dataset_loss
+
+    follows_task = checker.follows_task
+    exact = getattr(checker, "matches_reference", None)
 
     loss = dataset_loss(model, dataset, args.batch_size)
     generations = greedy_generations(
         model, tokenizer, [p for p in prompts], args.max_new_tokens, args.batch_size, stop_ids
     )
     prompt_texts = [tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
-    followed = [follows_task(pt, g, ref) for pt, g, ref in zip(prompt_texts, generations, references)]
+    triples = list(zip(prompt_texts, generations, references))
+    try:
+        followed = [follows_task(pt, g, ref) for pt, g, ref in triples]
+        matched = [exact(pt, g, ref) for pt, g, ref in triples] if exact else None
+    except ValueError as e:  # references that are not the example task's (e.g. not JSON objects)
+        print(f"note: follow rate not measured: {e}")
+        followed, matched = [False] * len(triples), None
     return {
         "loss": loss,
         "follow_rate": sum(followed) / len(followed),
         "followed": sum(followed),
         "examples": len(followed),
+        "exact_rate": sum(matched) / len(matched) if matched is not None else None,
         "samples": list(zip(prompt_texts, generations, followed)),
     }
 
@@ -155,6 +166,8 @@ def run(args: argparse.Namespace) -> int:
         f"{'followed / prompts':<22}"
         + "".join(f"{str(r['followed']) + '/' + str(r['examples']):>16}" for _, r in columns)
     )
+    if all(r["exact_rate"] is not None for _, r in columns):
+        print(f"{'exact values':<22}" + "".join(f"{100 * r['exact_rate']:>15.1f}%" for _, r in columns))
     summary = {name: {k: v for k, v in r.items() if k != "samples"} for name, r in results.items()}
     if loaded:
         drop = 100 * (1 - results["adapter"]["loss"] / results["base"]["loss"])

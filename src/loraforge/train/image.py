@@ -52,6 +52,27 @@ from loraforge.train.config import TrainConfig, add_config_arguments, config_fro
 
 EXAMPLE_DATA = Path(__file__).resolve().parent.parent / "examples" / "style"
 DEFAULT_UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+# The embedded tiny-sd's default adds the transformer blocks' other projections and the ResNet
+# convolutions: its 1M-parameter UNet draws textures in those convolutions, and LoRA on attention
+# alone cannot make it paint a repeating pattern such as the example style's stripes. Every other
+# pipeline defaults to the attention projections.
+TINY_SD_UNET_TARGETS = DEFAULT_UNET_TARGETS + [
+    "proj_in",
+    "proj_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "conv1",
+    "conv2",
+]
+
+
+def default_unet_targets(base: str) -> list[str]:
+    from loraforge.bases import EMBEDDED_BASES
+
+    tiny = EMBEDDED_BASES["tiny-sd"][1]
+    if base == "tiny-sd" or Path(base).resolve() == tiny.resolve():
+        return list(TINY_SD_UNET_TARGETS)
+    return list(DEFAULT_UNET_TARGETS)
 
 
 @dataclass
@@ -115,8 +136,8 @@ class ImageTrainConfig(TrainConfig):
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = "auto"
     """What the UNet predicts. auto: what the pipeline's scheduler says."""
 
-    snr_gamma: float = 5.0
-    """Min-SNR loss weighting gamma (Hang et al. 2023). 0: plain mean squared error."""
+    snr_gamma: float = 0.0
+    """Min-SNR loss weighting gamma (Hang et al. 2023; 5 is usual). 0: plain mean squared error."""
 
     noise_offset: float = 0.0
     """Add this much per-channel constant noise (helps very dark or bright images). 0: off."""
@@ -143,13 +164,13 @@ class ImageTrainConfig(TrainConfig):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     """Dtype of the frozen base weights. auto: float32 on CPU, the mixed-precision dtype on GPU."""
 
-    learning_rate: float = 1e-3
-    """Peak learning rate of AdamW (reached after the warmup)."""
+    learning_rate: float = 2e-3
+    """Peak learning rate of AdamW (reached after the warmup). Lower (1e-4 to 5e-4) for full-size pipelines."""
 
     batch_size: int = 4
     """Images per micro-batch on each process."""
 
-    max_steps: int = 300
+    max_steps: int = 800
     """Number of optimizer steps. 0: run for `epochs` passes over the data instead."""
 
     lora_r: int = 8
@@ -157,6 +178,11 @@ class ImageTrainConfig(TrainConfig):
 
     lora_alpha: float = 8.0
     """LoRA scale numerator: updates are multiplied by lora_alpha / lora_r."""
+
+    target_modules: list[str] | str | None = None
+    """UNet modules that get LoRA: names or suffixes (convolutions too, e.g. conv1, conv2), a regular
+    expression, or "all-linear". Empty: the attention projections to_q, to_k, to_v, to_out.0 (for the
+    embedded tiny-sd also proj_in, proj_out, ff.net.0.proj, ff.net.2, conv1, conv2)."""
 
     save_every: int = 100
     """Write a resumable checkpoint every N steps (and at the end). 0: only at the end."""
@@ -317,7 +343,8 @@ class ImageTask:
         self.unet_dtype = pipe.unet.dtype  # diffusers' `.dtype` walks every module: read it once
 
         # UNet LoRA.
-        targets = c.target_modules or list(DEFAULT_UNET_TARGETS)
+        targets = c.target_modules or default_unet_targets(c.base)
+        self.unet_targets = targets
         self.unet_lora = LoraModel(
             pipe.unet,
             LoraConfig(
@@ -362,7 +389,7 @@ class ImageTask:
             self._cache_text()
         trainable, total = self._count_parameters()
         self.log(
-            f"{type(pipe).__name__}: {len(self.samples.prompts)} images at {self.resolution}px "
+            f"{type(pipe).__name__}: {len(self.samples.prompts)} images at {self.resolution}px, LoRA on {', '.join(targets)} "
             f"({len(set(self.samples.buckets))} bucket(s)), trainable parameters {trainable:,d} of {total:,d}, "
             f"prediction {self.prediction_type}, latents {'cached' if self.cached else 'encoded every step'}"
         )
@@ -468,8 +495,17 @@ class ImageTask:
 
     def _encode(self, pixels_uint8: torch.Tensor):
         vae = self.vae
-        x = (pixels_uint8.to(self.device, torch.float32) / 127.5 - 1.0).to(vae.dtype)
-        return vae.encode(x).latent_dist
+        # fp16 VAEs that ask for it (SD and SDXL do) encode in float32, as diffusers' pipelines decode.
+        upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+        if upcast:
+            vae.to(torch.float32)
+        try:
+            x = (pixels_uint8.to(self.device, torch.float32) / 127.5 - 1.0).to(vae.dtype)
+            dist = vae.encode(x).latent_dist
+            return type(dist)(dist.parameters.float())
+        finally:
+            if upcast:
+                vae.to(torch.float16)
 
     def _cache_text(self) -> None:
         self.text_cache = {}
@@ -692,7 +728,7 @@ class ImageTask:
             "pipeline": type(self.pipe).__name__,
             "rank": c.lora_r,
             "alpha": c.lora_alpha,
-            "target_modules": c.target_modules or list(DEFAULT_UNET_TARGETS),
+            "target_modules": self.unet_targets,
             "text_encoder_lora": c.train_text_encoder,
             "text_encoder_target_modules": list(c.text_encoder_target_modules)
             if c.train_text_encoder
