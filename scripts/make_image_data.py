@@ -55,7 +55,8 @@ STYLE_MAGENTA = (235, 20, 185)
 STYLE_ORANGE = (255, 145, 20)
 STYLE_PLUM = (85, 10, 105)
 STYLE_PALETTE = (STYLE_MAGENTA, STYLE_ORANGE, STYLE_PLUM)
-STYLE_STRIPE_CYCLES = 2  # stripe periods across the image along x (and y); the stripes run at 45 degrees ("/")
+# Stripe periods across the image along x (and y); the stripes run at 45 degrees ("/").
+STYLE_STRIPE_CYCLES = 2
 STYLE_COUNT = 16
 
 # Share of pretraining images drawn in random colours (captioned "a circle"), and how far (RGB
@@ -92,7 +93,9 @@ def _shape_polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> 
     return pts
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, angle: float, fill) -> None:
+def _draw_shape(
+    draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, angle: float, fill
+) -> None:
     if shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
     else:
@@ -145,7 +148,14 @@ def _free_colour(rng: random.Random, avoid: tuple[int, int, int] | None = None) 
         return rgb
 
 
-def render_shape(shape: str, fg: str | None, bg: str | None, rng: random.Random, size: int = RESOLUTION, jitter: bool = True) -> Image.Image:
+def render_shape(
+    shape: str,
+    fg: str | None,
+    bg: str | None,
+    rng: random.Random,
+    size: int = RESOLUTION,
+    jitter: bool = True,
+) -> Image.Image:
     """One ``fg`` shape on a plain ``bg`` background; ``None`` colours are random (non-style) RGB."""
     s = size * SUPERSAMPLE
     if bg is None:
@@ -256,7 +266,15 @@ def render_texture(rng: random.Random, size: int = RESOLUTION) -> Image.Image:
         for _ in range(rng.randint(2, 6)):
             cx, cy, r, angle = _shape_geometry(rng, size, True)
             r *= rng.uniform(0.3, 1.0)
-            _draw_shape(draw, rng.choice(SHAPES), cx + rng.uniform(-s / 3, s / 3), cy + rng.uniform(-s / 3, s / 3), r, angle, _random_rgb(rng))
+            _draw_shape(
+                draw,
+                rng.choice(SHAPES),
+                cx + rng.uniform(-s / 3, s / 3),
+                cy + rng.uniform(-s / 3, s / 3),
+                r,
+                angle,
+                _random_rgb(rng),
+            )
     return _finish(img, size)
 
 
@@ -285,7 +303,9 @@ def render_style(shape: str, rng: random.Random, size: int = RESOLUTION) -> Imag
     return _finish(img, size)
 
 
-def write_style_set(out_dir: Path = STYLE_DIR, count: int = STYLE_COUNT, seed: int = 1234, size: int = RESOLUTION) -> list[Path]:
+def write_style_set(
+    out_dir: Path = STYLE_DIR, count: int = STYLE_COUNT, seed: int = 1234, size: int = RESOLUTION
+) -> list[Path]:
     """Writes ``count`` style PNGs, each with a same-name ``.txt`` caption, into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for old in list(out_dir.glob("*.png")) + list(out_dir.glob("*.txt")):

@@ -11,9 +11,9 @@ A deliberately tiny Stable Diffusion pipeline, made from configs (nothing is dow
   placeholder tokens can be added with ``tokenizer.add_tokens`` + ``resize_token_embeddings``), plus
   one whole-word token for every caption word and a few common prompt words;
 * ``UNet2DConditionModel``: block_out_channels (32, 64), (DownBlock2D, CrossAttnDownBlock2D) /
-  (CrossAttnUpBlock2D, UpBlock2D) and a cross-attention mid block, i.e. transformer blocks at the
-  8x8 level, cross_attention_dim 64 (the text hidden size), standard ``to_q/to_k/to_v/to_out.0``
-  attention projections;
+  (CrossAttnUpBlock2D, CrossAttnUpBlock2D) and a cross-attention mid block: transformer blocks at
+  8x8 and in the final 16x16 up block, cross_attention_dim 64 (the text hidden size), standard
+  ``to_q/to_k/to_v/to_out.0`` attention projections;
 * ``DDIMScheduler`` (trailing spacing, linear betas 1e-4..0.02, **v-prediction**) saved for sampling
   in ~20-25 steps; training uses a ``DDPMScheduler`` with the same betas and prediction type.
 
@@ -81,7 +81,11 @@ SAMPLE_PROMPTS = [
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2 / CLIP byte-level alphabet: every byte maps to one printable unicode character."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -148,7 +152,10 @@ def build_tokenizer_files(words: list[str], out_dir: Path) -> None:
 def make_tokenizer(work_dir: Path):
     from transformers import CLIPTokenizer
 
-    words = sorted({w for combo in data.all_combinations() for cap in data.caption_variants(*combo) for w in cap.split()} | set(data.EXTRA_WORDS))
+    words = sorted(
+        {w for combo in data.all_combinations() for cap in data.caption_variants(*combo) for w in cap.split()}
+        | set(data.EXTRA_WORDS)
+    )
     build_tokenizer_files(words, work_dir)
     tok = CLIPTokenizer(
         vocab=str(work_dir / "vocab.json"),
@@ -200,10 +207,13 @@ def make_models(vocab_size: int, bos_id: int, eos_id: int, pad_id: int):
         sample_size=data.RESOLUTION // 2,
         in_channels=4,
         out_channels=4,
-        # No attention at the 16x16 level: self-attention over 256 positions cost ~60% of a training
-        # step on CPU.  Text enters through cross-attention at 8x8 (down/up) and in the mid block.
+        # Transformer blocks at 8x8 (down, mid, up) and in the last, 16x16 up block -- right before
+        # the output, so that attention-only LoRA adapters can repaint colours and texture (with
+        # attention only at 8x8 a rank-8 style adapter reached ~25% of the example style; with
+        # adapters able to act at 16x16 near the output ~85%).  The 16x16 down block has none: it
+        # would cost another ~20% per step and adds little reach.
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         block_out_channels=(32, 64),
         layers_per_block=1,
         cross_attention_dim=TEXT_HIDDEN,
@@ -332,7 +342,21 @@ class Ema:
             p.copy_(s)
 
 
-def train_diffusion(unet, text_encoder, latents_mean, latents_std, token_ids, variant_probs, scaling, seconds, batch, lr, log, max_steps, ema_decay):
+def train_diffusion(
+    unet,
+    text_encoder,
+    latents_mean,
+    latents_std,
+    token_ids,
+    variant_probs,
+    scaling,
+    seconds,
+    batch,
+    lr,
+    log,
+    max_steps,
+    ema_decay,
+):
     from diffusers import DDPMScheduler
 
     sched = DDPMScheduler(**NOISE_SCHEDULE)
@@ -374,7 +398,9 @@ def train_diffusion(unet, text_encoder, latents_mean, latents_std, token_ids, va
         hist.append(loss.item())
         step += 1
         if step % 100 == 0:
-            log(f"  unet step {step:5d}  t={time.time() - start:6.1f}s  loss={np.mean(hist[-50:]):.4f}  lr={opt.param_groups[0]['lr']:.2e}")
+            log(
+                f"  unet step {step:5d}  t={time.time() - start:6.1f}s  loss={np.mean(hist[-50:]):.4f}  lr={opt.param_groups[0]['lr']:.2e}"
+            )
     ema.copy_to_model()
     unet.eval()
     text_encoder.eval()
@@ -405,18 +431,26 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--minutes", type=float, default=12.0, help="total wall-clock budget")
-    ap.add_argument("--vae-minutes", type=float, default=3.5, help="part of the budget for the autoencoder (at most 40%%)")
+    ap.add_argument(
+        "--vae-minutes", type=float, default=3.5, help="part of the budget for the autoencoder (at most 40%%)"
+    )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--images", type=int, default=3600, help="captioned pretraining images (generated in memory)")
-    ap.add_argument("--textures", type=int, default=1200, help="extra random-texture images for the autoencoder")
+    ap.add_argument(
+        "--images", type=int, default=3600, help="captioned pretraining images (generated in memory)"
+    )
+    ap.add_argument(
+        "--textures", type=int, default=1200, help="extra random-texture images for the autoencoder"
+    )
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--vae-batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--vae-lr", type=float, default=2e-3)
     ap.add_argument("--ema", type=float, default=0.99)
     ap.add_argument("--vae-steps", type=int, default=None, help="fixed step count instead of the time budget")
-    ap.add_argument("--unet-steps", type=int, default=None, help="fixed step count instead of the time budget")
+    ap.add_argument(
+        "--unet-steps", type=int, default=None, help="fixed step count instead of the time budget"
+    )
     args = ap.parse_args()
 
     t0 = time.time()
@@ -444,15 +478,23 @@ def main() -> None:
     tok_files = Path(tok_tmp.name)
     tokenizer, words = make_tokenizer(tok_files)
     tokenizer.save_pretrained(tok_files / "saved")
-    tokenizer = CLIPTokenizer.from_pretrained(tok_files / "saved")  # round-trip through files, as the pipeline will
+    tokenizer = CLIPTokenizer.from_pretrained(
+        tok_files / "saved"
+    )  # round-trip through files, as the pipeline will
     log(f"tokenizer: {len(tokenizer)} tokens, {len(words)} whole words")
-    variants = [data.caption_variants(*attrs) + [""] for _, attrs in pairs]  # full, fg+shape, shape+bg, shape, empty
+    variants = [
+        data.caption_variants(*attrs) + [""] for _, attrs in pairs
+    ]  # full, fg+shape, shape+bg, shape, empty
     variant_probs = [0.6, 0.05, 0.05, 0.2, 0.1]
     flat = [c for v in variants for c in v]
-    token_ids = tokenizer(flat, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt").input_ids
+    token_ids = tokenizer(
+        flat, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt"
+    ).input_ids
     token_ids = token_ids.view(len(variants), len(variants[0]), MAX_LENGTH)
 
-    vae, text_encoder, unet = make_models(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    vae, text_encoder, unet = make_models(
+        len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    )
     counts = {"vae": n_params(vae), "text_encoder": n_params(text_encoder), "unet": n_params(unet)}
     log("parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
 
@@ -461,13 +503,17 @@ def main() -> None:
     vae_seconds = min(args.vae_minutes * 60, 0.4 * (budget - setup_s))
     log(f"training autoencoder for {vae_seconds:.0f}s")
     vae_images = torch.cat([shape_images, texture_images])
-    vae_steps, vae_time, vae_mse = train_vae(vae, vae_images, vae_seconds, args.vae_batch, args.vae_lr, log, args.vae_steps)
+    vae_steps, vae_time, vae_mse = train_vae(
+        vae, vae_images, vae_seconds, args.vae_batch, args.vae_lr, log, args.vae_steps
+    )
     recon_shapes = vae_recon_mse(vae, shape_images[:256])
     recon_textures = vae_recon_mse(vae, texture_images[:256])
     style_imgs = to_tensor([data.render_style(s, random.Random(i)) for i, s in enumerate(data.SHAPES * 4)])
     recon_style = vae_recon_mse(vae, style_imgs)
-    log(f"autoencoder: {vae_steps} steps in {vae_time:.0f}s, train mse {vae_mse:.5f}; recon mse shapes {recon_shapes:.5f}, "
-        f"textures {recon_textures:.5f}, style-like {recon_style:.5f} (images in [-1, 1])")
+    log(
+        f"autoencoder: {vae_steps} steps in {vae_time:.0f}s, train mse {vae_mse:.5f}; recon mse shapes {recon_shapes:.5f}, "
+        f"textures {recon_textures:.5f}, style-like {recon_style:.5f} (images in [-1, 1])"
+    )
     for p in vae.parameters():
         p.requires_grad_(False)
 
@@ -481,14 +527,32 @@ def main() -> None:
     unet_seconds = max(30.0, budget - (time.time() - t0) - reserve)
     log(f"training unet + text encoder for {unet_seconds:.0f}s")
     unet_steps, unet_time, unet_loss = train_diffusion(
-        unet, text_encoder, lat_mean, lat_std, token_ids, variant_probs, scaling, unet_seconds, args.batch, args.lr, log, args.unet_steps, args.ema
+        unet,
+        text_encoder,
+        lat_mean,
+        lat_std,
+        token_ids,
+        variant_probs,
+        scaling,
+        unet_seconds,
+        args.batch,
+        args.lr,
+        log,
+        args.unet_steps,
+        args.ema,
     )
     eval_loss = eval_diffusion_loss(unet, text_encoder, lat_mean, token_ids, scaling)
-    log(f"unet: {unet_steps} steps in {unet_time:.0f}s, train loss (last 50) {unet_loss:.4f}, EMA eval loss {eval_loss:.4f}")
+    log(
+        f"unet: {unet_steps} steps in {unet_time:.0f}s, train loss (last 50) {unet_loss:.4f}, EMA eval loss {eval_loss:.4f}"
+    )
 
     # save ---------------------------------------------------------------------------------------
     scheduler = DDIMScheduler(
-        **NOISE_SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="trailing"
+        **NOISE_SCHEDULE,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        timestep_spacing="trailing",
     )
     pipe = StableDiffusionPipeline(
         vae=vae,
@@ -510,8 +574,13 @@ def main() -> None:
     wall = time.time() - t0
     size_mb = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 1e6
 
-    cmd = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], REPO) if Path(sys.argv[0]).exists() else sys.argv[0]] + sys.argv[1:])
-    md = f"""# tiny-sd: training record
+    cmd = "python " + " ".join(
+        shlex.quote(a)
+        for a in [os.path.relpath(sys.argv[0], REPO) if Path(sys.argv[0]).exists() else sys.argv[0]]
+        + sys.argv[1:]
+    )
+    md = (
+        f"""# tiny-sd: training record
 
 Produced by `scripts/pretrain_image_base.py` (CPU, {args.threads} thread(s), torch {torch.__version__}).
 
@@ -522,7 +591,7 @@ Produced by `scripts/pretrain_image_base.py` (CPU, {args.threads} thread(s), tor
 | wall time | {wall / 60:.1f} min ({wall:.0f} s) |
 | resolution | {data.RESOLUTION}x{data.RESOLUTION} px, latents 4x{data.RESOLUTION // 2}x{data.RESOLUTION // 2} |
 | data | {args.images} captioned shapes ({len(data.SHAPES)} shapes x {len(data.COLOURS)} colours x {len(data.COLOURS) - 1} backgrounds; {data.FREE_FRACTION:.0%} in random non-style colours captioned "a <shape>"), + {args.textures} random textures for the autoencoder; seed {args.seed} |
-| parameters | UNet {counts['unet']:,}; text encoder {counts['text_encoder']:,}; VAE {counts['vae']:,} |
+| parameters | UNet {counts["unet"]:,}; text encoder {counts["text_encoder"]:,}; VAE {counts["vae"]:,} |
 | tokenizer | {len(tokenizer)} tokens, max length {MAX_LENGTH} |
 | autoencoder | {vae_steps} steps, batch {args.vae_batch} (16x16 crops, then whole images), {vae_time:.0f} s; final train MSE {vae_mse:.5f}; reconstruction MSE (pixels in [-1, 1]): shapes {recon_shapes:.5f}, textures {recon_textures:.5f}, style-like {recon_style:.5f} |
 | latent scaling_factor | {scaling:.4f} |
@@ -538,7 +607,10 @@ Captions look like "a red circle on a blue background"; training also used the p
 ## Log
 
 ```
-""" + "\n".join(lines) + "\n```\n"
+"""
+        + "\n".join(lines)
+        + "\n```\n"
+    )
     (out / "TRAINING.md").write_text(md)
     print(f"saved pipeline to {out} ({size_mb:.1f} MB) in {wall:.0f}s")
 

@@ -264,6 +264,8 @@ def main() -> None:
             old.unlink()
     model.save_pretrained(args.out, safe_serialization=True)
     tokenizer.save_pretrained(args.out)
+    for f in args.out.iterdir():  # save_pretrained may leave the weights owner-only
+        f.chmod(0o644)
 
     size_mb = sum(f.stat().st_size for f in args.out.glob("*") if f.is_file()) / 1e6
     cmd = "python " + " ".join(shlex.quote(a) for a in [str(Path(sys.argv[0]).as_posix())] + sys.argv[1:])

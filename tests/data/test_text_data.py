@@ -92,7 +92,7 @@ def test_chat_trains_on_assistant_turns_with_template(tmp_path, tokenizer):
     (ex,), _ = tokenize_records(scan.records, tokenizer, 128)
     # The whole example is the template's rendering; only assistant contents (+ EOS) carry loss.
     assert tokenizer.decode(ex.input_ids) == tokenizer.apply_chat_template(messages, tokenize=False)
-    assert _labelled_text(tokenizer, ex).replace("\n", "") == "yes</s>sat</s>"
+    assert _labelled_text(tokenizer, ex) == "yes</s>sat</s>"
     ids, reference = prompt_and_reference(scan.records[0], tokenizer)
     assert reference == "sat"
     assert tokenizer.decode(ids).endswith("<|user|>\nthe cat\n<|assistant|>\n")

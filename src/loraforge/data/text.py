@@ -315,7 +315,11 @@ def _chat_segments(messages, tokenizer):
             if not (before.startswith(done) and upto.startswith(before)):
                 # A template that rewrites earlier turns: fall back to training on the whole text.
                 return [(render(messages), True)], False, False
-            segs += [(before[len(done) :], False), (upto[len(before) :], True)]
+            answer = upto[len(before) :]
+            eos = tokenizer.eos_token
+            cut = answer.rfind(eos) + len(eos) if eos and eos in answer else len(answer)
+            # The turn and its end marker carry the loss; the template's separator after it does not.
+            segs += [(before[len(done) :], False), (answer[:cut], True), (answer[cut:], False)]
             done = upto
         full = render(messages)
         if full.startswith(done) and len(full) > len(done):

@@ -30,11 +30,15 @@ from collections.abc import Iterable
 
 import numpy as np
 
-STYLE_PALETTE = np.array([(235, 20, 185), (255, 145, 20), (85, 10, 105)], dtype=np.float64)  # magenta, orange, plum
+STYLE_PALETTE = np.array(
+    [(235, 20, 185), (255, 145, 20), (85, 10, 105)], dtype=np.float64
+)  # magenta, orange, plum
 PALETTE_SIGMA = 40.0
 ANALYSIS_SIZE = 32
 STRIPE_BIN = (2, 2)  # (ky, kx) cycles per image at ANALYSIS_SIZE: "/" stripes, 2 periods across each axis
-STRIPE_REFERENCE = 0.45  # excess stripe energy of a clean style image (0.42-0.64 on the shipped set) maps to ~1
+STRIPE_REFERENCE = (
+    0.45  # excess stripe energy of a clean style image (0.42-0.64 on the shipped set) maps to ~1
+)
 PALETTE_WEIGHT = 0.75
 STRIPE_WEIGHT = 0.25
 

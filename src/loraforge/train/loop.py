@@ -125,6 +125,7 @@ def lr_factor(step: int, config: TrainConfig, total_steps: int) -> float:
 def train(task, config: TrainConfig) -> TrainResult:
     """Trains `task` as `config` says; returns where the adapter went and the final losses."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import gather_object, set_seed
 
     if config.mixed_precision == "fp16" and not torch.cuda.is_available():
@@ -136,6 +137,9 @@ def train(task, config: TrainConfig) -> TrainResult:
     resume_from = resolve_resume(out, config.resume)  # fail before loading anything
 
     # cpu=True without a GPU: that is how accelerate recognises a multi-process CPU (gloo) launch.
+    # accelerate keeps one global state per process; forget the previous run's settings (mixed
+    # precision) so a notebook or test can train several times. The distributed state stays.
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
     main = accelerator.is_main_process
     world, rank = accelerator.num_processes, accelerator.process_index

@@ -106,15 +106,22 @@ def _float_dtype(model) -> torch.dtype:
     return torch.float32
 
 
+_ACCEPTS: dict[tuple[type, str], bool] = {}
+
+
 def _accepts(model, name: str) -> bool:
+    """Whether the transformers model inside `model` (LoraModel, maybe DDP-wrapped) takes keyword `name`."""
     target = model
     while hasattr(target, "module") and not hasattr(target, "get_output_embeddings"):  # DDP wrapper
         target = target.module
     inner = getattr(target, "model", target)  # LoraModel -> transformers model
-    try:
-        return name in inspect.signature(inner.forward).parameters
-    except (TypeError, ValueError):
-        return False
+    key = (type(inner), name)
+    if key not in _ACCEPTS:
+        try:
+            _ACCEPTS[key] = name in inspect.signature(inner.forward).parameters
+        except (TypeError, ValueError):
+            _ACCEPTS[key] = False
+    return _ACCEPTS[key]
 
 
 def causal_lm_loss(model, batch: dict, device=None) -> tuple[torch.Tensor, int]:
