@@ -170,7 +170,7 @@ class ImageTrainConfig(TrainConfig):
     batch_size: int = 4
     """Images per micro-batch on each process."""
 
-    max_steps: int = 800
+    max_steps: int = 1500
     """Number of optimizer steps. 0: run for `epochs` passes over the data instead."""
 
     lora_r: int = 8
