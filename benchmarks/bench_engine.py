@@ -24,8 +24,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 def build_base(args):
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=int(args.hidden * 2.6875), num_hidden_layers=args.layers,
-        num_attention_heads=args.hidden // 64, num_key_value_heads=args.hidden // 64, max_position_embeddings=1024,
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=int(args.hidden * 2.6875),
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // 64,
+        num_key_value_heads=args.hidden // 64,
+        max_position_embeddings=1024,
     )
     return LlamaForCausalLM(config).eval()
 
@@ -39,7 +44,9 @@ def timed(fn, warmup=False):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--vocab", type=int, default=4096)
@@ -56,10 +63,14 @@ def main():
     from loraforge import LoraConfig, get_lora_model
 
     def lf_config():
-        return LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear", init_lora_weights=False)
+        return LoraConfig(
+            r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear", init_lora_weights=False
+        )
 
     def peft_config():
-        return peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear", init_lora_weights=False)
+        return peft.LoraConfig(
+            r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear", init_lora_weights=False
+        )
 
     base = build_base(args)
     bare = copy.deepcopy(base)
@@ -107,7 +118,11 @@ def main():
         m.eval()
     cases = {
         "training step": {"loraforge": train_step(ours), "peft": train_step(theirs)},
-        "forward, 1 adapter (unmerged)": {"loraforge": forward(ours), "peft": forward(theirs), "bare base": forward(bare)},
+        "forward, 1 adapter (unmerged)": {
+            "loraforge": forward(ours),
+            "peft": forward(theirs),
+            "bare base": forward(bare),
+        },
         "mixed batch, 8 adapters": {
             "loraforge": forward(ours_multi, x=mixed_ids, adapter_names=names),
             "peft": forward(theirs_multi, x=mixed_ids, adapter_names=names),
@@ -123,17 +138,29 @@ def main():
             for who, fn in fns.items():  # alternate so drift in machine load hits every contender alike
                 results[case][who].append(timed(fn))
 
-    print(f"\nmodel: Llama {args.layers} layers x {args.hidden} wide, vocab {args.vocab}; LoRA r={args.rank} on all linear layers")
-    print(f"inputs: batch {args.batch} x {args.seq} tokens (mixed batch: 8 rows); {args.threads} threads; medians of {args.repeats}")
+    print(
+        f"\nmodel: Llama {args.layers} layers x {args.hidden} wide, vocab {args.vocab}; LoRA r={args.rank} on all linear layers"
+    )
+    print(
+        f"inputs: batch {args.batch} x {args.seq} tokens (mixed batch: 8 rows); {args.threads} threads; medians of {args.repeats}"
+    )
     print(f"torch {torch.__version__}, peft {peft.__version__}\n")
-    print(f"| {'measure':<30} | {'loraforge':>12} | {'peft':>12} | {'bare base':>12} | {'loraforge/peft':>14} | {'overhead vs base (lf / peft)':>28} |")
+    print(
+        f"| {'measure':<30} | {'loraforge':>12} | {'peft':>12} | {'bare base':>12} | {'loraforge/peft':>14} | {'overhead vs base (lf / peft)':>28} |"
+    )
     print(f"|{'-' * 32}|{'-' * 14}|{'-' * 14}|{'-' * 14}|{'-' * 16}|{'-' * 30}|")
     for case, by in results.items():
         med = {k: statistics.median(v) * 1000 for k, v in by.items()}
         base_ms = med.get("bare base")
-        overhead = f"{100 * (med['loraforge'] / base_ms - 1):+.1f}% / {100 * (med['peft'] / base_ms - 1):+.1f}%" if base_ms else "-"
+        overhead = (
+            f"{100 * (med['loraforge'] / base_ms - 1):+.1f}% / {100 * (med['peft'] / base_ms - 1):+.1f}%"
+            if base_ms
+            else "-"
+        )
         base_text = f"{base_ms:.2f} ms" if base_ms else "-"
-        print(f"| {case:<30} | {med['loraforge']:>9.2f} ms | {med['peft']:>9.2f} ms | {base_text:>12} | {med['loraforge'] / med['peft']:>13.2f}x | {overhead:>28} |")
+        print(
+            f"| {case:<30} | {med['loraforge']:>9.2f} ms | {med['peft']:>9.2f} ms | {base_text:>12} | {med['loraforge'] / med['peft']:>13.2f}x | {overhead:>28} |"
+        )
 
 
 if __name__ == "__main__":

@@ -26,6 +26,22 @@ def test_linear_matches_formula():
     torch.testing.assert_close(layer(x), expected)
 
 
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_linear_without_autograd_matches_formula_and_keeps_weights(mode):
+    # Without autograd the update is added in place into the base output; that must not touch W or x.
+    base = nn.Linear(6, 5)
+    layer = make(LoraLinear, base)
+    x = torch.randn(2, 3, 6)
+    weight, x_before = base.weight.clone(), x.clone()
+    A, B = layer.lora_A["a"], layer.lora_B["a"]
+    with torch.no_grad():
+        expected = base(x) + (8 / 4) * x @ A.T @ B.T
+    with getattr(torch, mode)():
+        out = layer(x)
+    torch.testing.assert_close(out, expected)
+    assert torch.equal(base.weight, weight) and torch.equal(x, x_before)
+
+
 def test_rslora_scaling():
     layer = make(LoraLinear, nn.Linear(6, 5), r=4, alpha=8, rslora=True)
     assert layer.scaling["a"] == pytest.approx(8 / math.sqrt(4))

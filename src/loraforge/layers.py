@@ -234,11 +234,13 @@ class LoraLinear(LoraLayer):
         h = self.lora_dropout[name](x.to(A.dtype))
         if isinstance(result, torch.Tensor) and result.dtype == A.dtype:
             # One fused multiply-add of the rank-r product into the base output (no extra kernels for
-            # scaling and addition, no copy of x).
-            out = torch.addmm(
-                result.reshape(-1, self.out_features), h.reshape(-1, self.in_features) @ A.T, B.T, alpha=scale
-            )
-            return out.view(result.shape)
+            # scaling and addition, no copy of x). Without autograd it adds in place: the base output
+            # is a fresh tensor, and copying it would cost as much as the rank-r product itself.
+            flat, xa = result.reshape(-1, self.out_features), h.reshape(-1, self.in_features) @ A.T
+            if torch.is_grad_enabled() or not flat.is_contiguous():
+                return torch.addmm(flat, xa, B.T, alpha=scale).view(result.shape)
+            flat.addmm_(xa, B.T, alpha=scale)
+            return result
         return result + ((h @ A.T) @ B.T * scale).to(
             result.dtype if isinstance(result, torch.Tensor) else B.dtype
         )

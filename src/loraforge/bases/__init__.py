@@ -8,8 +8,16 @@ from pathlib import Path
 BASES_DIR = Path(__file__).parent
 
 EMBEDDED_BASES = {
-    "tiny-llama": ("text", BASES_DIR / "tiny-llama", "Llama-style causal LM pretrained by scripts/pretrain_text_base.py"),
-    "tiny-sd": ("image", BASES_DIR / "tiny-sd", "Stable Diffusion pipeline pretrained by scripts/pretrain_image_base.py"),
+    "tiny-llama": (
+        "text",
+        BASES_DIR / "tiny-llama",
+        "Llama-style causal LM pretrained by scripts/pretrain_text_base.py",
+    ),
+    "tiny-sd": (
+        "image",
+        BASES_DIR / "tiny-sd",
+        "Stable Diffusion pipeline pretrained by scripts/pretrain_image_base.py",
+    ),
 }
 DEFAULT_TEXT_BASE = "tiny-llama"
 DEFAULT_IMAGE_BASE = "tiny-sd"
