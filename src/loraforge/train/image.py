@@ -303,6 +303,8 @@ class _Samples:
 class ImageTask:
     """The shared loop's task for Stable Diffusion LoRA (see `loraforge.train.loop`)."""
 
+    throughput_unit = "img"  # the loop's throughput counts images here, not tokens
+
     def __init__(self, config: ImageTrainConfig, records: list[ImageRecord]):
         self.config = config
         self.records = records

@@ -26,6 +26,7 @@ It knows nothing about text or images. What it trains is a *task*, any object wi
     extra_state() / load_extra_state(state)
                                anything else a resumed run needs (a dict; torch.save-able).
     input_tokens(batch)        optional: tokens processed, for tokens/s (default: n from loss()).
+    throughput_unit            optional: what input_tokens counts, for the progress bar (default "tok").
 
 Gradients are token-weighted across micro-batches and processes: each micro-batch contributes
 ``mean_loss * n`` and the summed gradient is divided once by the step's total n, so a step over
@@ -209,6 +210,7 @@ def train(task, config: TrainConfig) -> TrainResult:
         else None
     )
     progress = _progress(config, total_steps, step, disabled=not main)
+    unit = getattr(task, "throughput_unit", "tok")
 
     stop_requested = {"flag": False}
     previous_handlers = _install_interrupt_handlers(stop_requested)
@@ -346,7 +348,7 @@ def train(task, config: TrainConfig) -> TrainResult:
             window["tokens"] += global_tokens
             window["time"] += elapsed
             tps = window["tokens"] / window["time"] if window["time"] else 0.0
-            progress.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
+            progress.set_postfix({"loss": f"{step_loss:.4f}", f"{unit}/s": f"{tps:,.0f}"}, refresh=False)
             progress.update(1)
 
             final = step == total_steps
