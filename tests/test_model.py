@@ -193,14 +193,17 @@ def test_weighted_set_adapters_is_base_plus_weighted_deltas():
     assert all(p.requires_grad for p in layer.lora_A.values())
 
 
-def test_mixed_batch_rows_equal_separate_runs(llama):
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "autograd"])
+def test_mixed_batch_rows_equal_separate_runs(llama, grad):
+    # Without autograd the update is added in place into the base output; with it, out of place.
     ids = torch.randint(0, 128, (5, 6))
     model = get_lora_model(llama, cfg(r=8, target_modules="all-linear"))
     model.add_adapter("small", cfg(r=2, target_modules=["q_proj", "v_proj", "embed_tokens"]))
     model.add_adapter("other", cfg(r=4, target_modules=["o_proj"]))
     names = ["small", "default", "__base__", "other", "small"]
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         mixed = model(ids, adapter_names=names).logits
+    with torch.no_grad():
         for row, name in enumerate(names):
             if name == "__base__":
                 with model.disable_adapter():

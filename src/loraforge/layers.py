@@ -37,7 +37,7 @@ class LoraLayer(nn.Module):
     """Base class: adapter bookkeeping, merging and the shared forward.
 
     Subclasses say how x meets A and B (`_lora_forward`), how the adapter-space update maps onto the
-    base weight (`_to_base_weight`), and how rows of a mixed batch are computed (`_mixed_forward`).
+    base weight (`_to_base_weight`), and how rows of a mixed batch are computed (`_add_mixed` / `_mixed_forward`).
     """
 
     def __init__(self, base_layer: nn.Module):
@@ -158,7 +158,7 @@ class LoraLayer(nn.Module):
         if self.disabled:
             return result
         if self.batch_index is not None:
-            return result + self._mixed_forward(x).to(result.dtype)
+            return self._add_mixed(x, result)
         for name, weight in self.active:
             if name not in self.merged:
                 result = self._lora_forward(x, name, self.scaling[name] * weight, result)
@@ -200,6 +200,10 @@ class LoraLayer(nn.Module):
         if not torch.is_grad_enabled():
             self._stack_cache = (key, result)
         return result
+
+    def _add_mixed(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """`result` plus each batch row's own adapter update."""
+        return result + self._mixed_forward(x).to(result.dtype)
 
     def _mixed_forward(self, x: torch.Tensor) -> torch.Tensor:
         # Generic fallback for layer kinds without a gathered kernel: one pass per distinct adapter.
@@ -245,13 +249,17 @@ class LoraLinear(LoraLayer):
             result.dtype if isinstance(result, torch.Tensor) else B.dtype
         )
 
-    def _mixed_forward(self, x):
+    def _add_mixed(self, x, result):
         A, B = self.stacked()  # (slots, r, in), (slots, out, r)
         idx = self.batch_index
         h = x.to(A.dtype).reshape(x.shape[0], -1, self.in_features)
         # Dropout is a training-time regulariser; mixed batches are for serving, so it is not applied.
-        out = torch.bmm(torch.bmm(h, A[idx].transpose(1, 2)), B[idx].transpose(1, 2))
-        return out.view(*x.shape[:-1], self.out_features)
+        xa, Bt = torch.bmm(h, A[idx].transpose(1, 2)), B[idx].transpose(1, 2)
+        rows = result.view(x.shape[0], -1, self.out_features) if result.is_contiguous() else None
+        if rows is not None and result.dtype == A.dtype and not torch.is_grad_enabled():
+            rows.baddbmm_(xa, Bt)  # in place into the fresh base output, as in `_lora_forward`
+            return result
+        return result + torch.bmm(xa, Bt).view(result.shape).to(result.dtype)
 
     def _pissa_init(self, name):
         # PiSSA: the adapter starts as the top-r singular directions of W, and W keeps the residual,
