@@ -120,6 +120,7 @@ def test_eval_text_side_by_side(infer_env, capsys, tmp_path):
     assert figures["base"]["loss"] != figures["adapter"]["loss"]
     expected_drop = 100 * (1 - figures["adapter"]["loss"] / figures["base"]["loss"])
     assert abs(figures["loss_drop_percent"] - expected_drop) < 1e-9
+    assert 1 <= figures["adapter"]["distinct"] <= 6 and "distinct outputs" in out
     # Without an adapter: the bare base only.
     assert (
         main(

@@ -7,7 +7,8 @@
 Held-out loss: mean cross-entropy over the completion tokens (what training optimises).
 Follow rate: share of prompts whose greedy generation follows the taught behaviour, judged by
 `loraforge.examples.text.task.follows_task(prompt, generation, reference)`; "exact values" (where the
-checker module has `matches_reference`) also requires the reference's values. With `--adapter`, the
+checker module has `matches_reference`) also requires the reference's values; "distinct outputs"
+counts the different answers (cut at the first stop), so a format learned without the content shows. With `--adapter`, the
 bare base is measured in the same process (the adapter switched off) and the loss drop is printed.
 """
 
@@ -101,6 +102,7 @@ def greedy_generations(
 
 def measure(model, tokenizer, dataset, prompts, references, args, stop_ids) -> dict:
     from loraforge.examples.text import task as checker
+    from loraforge.examples.text.task import cut_generation
     from loraforge.train.text import dataset_loss
 
     follows_task = checker.follows_task
@@ -124,6 +126,8 @@ def measure(model, tokenizer, dataset, prompts, references, args, stop_ids) -> d
         "followed": sum(followed),
         "examples": len(followed),
         "exact_rate": sum(matched) / len(matched) if matched is not None else None,
+        # How many different answers the prompts got: a follow rate is only as telling as this is high.
+        "distinct": len({cut_generation(g) for g in generations}),
         "samples": list(zip(prompt_texts, generations, followed)),
     }
 
@@ -168,6 +172,7 @@ def run(args: argparse.Namespace) -> int:
     )
     if all(r["exact_rate"] is not None for _, r in columns):
         print(f"{'exact values':<22}" + "".join(f"{100 * r['exact_rate']:>15.1f}%" for _, r in columns))
+    print(f"{'distinct outputs':<22}" + "".join(f"{r['distinct']:>16}" for _, r in columns))
     summary = {name: {k: v for k, v in r.items() if k != "samples"} for name, r in results.items()}
     if loaded:
         drop = 100 * (1 - results["adapter"]["loss"] / results["base"]["loss"])
