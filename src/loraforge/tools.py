@@ -253,11 +253,51 @@ def inspect_arguments(parser):
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
 
+# Layer names that end in a number or contain "_" (kohya flattens module paths with "_").
+_KNOWN_SUFFIXES = (
+    "to_out.0",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "proj_in",
+    "proj_out",
+    "conv_shortcut",
+    "time_emb_proj",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "out_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "to_q",
+    "to_k",
+    "to_v",
+)
+
+
+def _module_suffix(module: str, fmt: str) -> str:
+    """The layer name that target_modules would use for a module path (e.g. `to_out.0`)."""
+    flat = module.replace(".", "_")
+    for known in _KNOWN_SUFFIXES:
+        if module.endswith("." + known) or (fmt == "kohya" and flat.endswith("_" + known.replace(".", "_"))):
+            return known
+    parts = module.split("_" if fmt == "kohya" else ".")
+    return ".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
+
+
 def describe(path: Path) -> dict:
-    """Reads an adapter's header and config (not its tensors) and summarises it."""
+    """Reads an adapter's header and config (not its tensors) and summarises it.
+
+    Reads PEFT directories, diffusers / loraforge image adapters (`pytorch_lora_weights.safetensors`
+    with `adapter_info.json` and learned token embeddings) and single kohya / diffusers files.
+    """
+    from loraforge.formats import diffusers as image_files
+
     if path.is_dir():
-        candidates = [path / WEIGHTS_NAME, *sorted(path.glob("*.safetensors"))]
-        weights = next((c for c in candidates if c.exists()), None)
+        named = [path / WEIGHTS_NAME, path / image_files.WEIGHTS_NAME]
+        others = [p for p in sorted(path.glob("*.safetensors")) if p.name != image_files.EMBEDS_NAME]
+        weights = next((c for c in [*named, *others] if c.exists()), None)
         if weights is None:
             raise CliError(f"no .safetensors adapter file in {path}")
     else:
@@ -266,12 +306,15 @@ def describe(path: Path) -> dict:
         raise CliError(f"no such file: {weights}")
     config_path = weights.parent / CONFIG_NAME
     config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    info_path = weights.parent / image_files.INFO_NAME
+    info = json.loads(info_path.read_text()) if info_path.exists() else {}
     try:
         with safe_open(str(weights), "pt") as f:
             keys = list(f.keys())
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
             dtypes = sorted({str(f.get_slice(k).get_dtype()) for k in keys})
             metadata = f.metadata() or {}
+            kohya_alphas = sorted({float(f.get_tensor(k)) for k in keys if k.endswith(".alpha")})
     except Exception as e:
         raise CliError(f"{weights} is not a readable safetensors file: {e}") from e
     if any("lora_down" in k for k in keys):
@@ -283,23 +326,32 @@ def describe(path: Path) -> dict:
     a_keys = [k for k in keys if down in k or "lora_embedding_A" in k]
     ranks = sorted({shapes[k][0] for k in a_keys})
     modules = sorted({k.removeprefix(PREFIX).split(".lora")[0] for k in a_keys})
-    suffixes = sorted(
-        {m.replace("_", ".").split(".")[-1] if fmt == "kohya" else m.split(".")[-1] for m in modules}
-    )
-    n_params = sum(int(torch.Size(s).numel()) for s in shapes.values())
+    suffixes = sorted({_module_suffix(m, fmt) for m in modules})
+    n_params = sum(int(torch.Size(s).numel()) for k, s in shapes.items() if not k.endswith(".alpha"))
+    alpha = config.get("lora_alpha", info.get("alpha"))
+    if alpha is None and kohya_alphas:
+        alpha = kohya_alphas[0] if len(kohya_alphas) == 1 else kohya_alphas
+    if alpha is None and image_files.METADATA_KEY in metadata:
+        peft_meta = json.loads(metadata[image_files.METADATA_KEY])
+        alpha = next((v for k, v in peft_meta.items() if k.endswith("lora_alpha")), None)
+    tokens = []
+    embeds = weights.parent / image_files.EMBEDS_NAME
+    if path.is_dir() and embeds.exists():
+        tokens = list(image_files.load_embeddings(embeds)[0])
     return {
         "path": str(weights),
         "format": fmt,
         "rank": ranks[0] if len(ranks) == 1 else ranks,
-        "lora_alpha": config.get("lora_alpha"),
+        "lora_alpha": alpha,
         "use_rslora": config.get("use_rslora", False),
         "targets": suffixes,
         "adapted_modules": len(modules),
         "parameters": n_params,
         "dtypes": dtypes,
         "file_size_bytes": weights.stat().st_size,
-        "base_model": config.get("base_model_name_or_path") or metadata.get("base_model"),
+        "base_model": config.get("base_model_name_or_path") or info.get("base") or metadata.get("base_model"),
         "task_type": config.get("task_type"),
+        "learned_tokens": tokens,
     }
 
 
@@ -316,4 +368,6 @@ def inspect_run(args) -> int:
     print(f"parameters    {info['parameters']:,}  ({', '.join(info['dtypes'])})")
     print(f"file size     {size / 1e6:.2f} MB" if size > 1e5 else f"file size     {size / 1e3:.1f} kB")
     print(f"base model    {info['base_model'] or 'not recorded'}")
+    if info["learned_tokens"]:
+        print(f"tokens        {' '.join(info['learned_tokens'])}  (learned embeddings)")
     return 0

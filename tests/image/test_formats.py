@@ -322,3 +322,20 @@ def test_format_detection_and_diffusers_spellings(tmp_path):
     with pytest.raises(FileNotFoundError):
         detect_format(tmp_path / "missing.safetensors")
     assert isinstance(lora, ImageLora)
+
+
+def test_inspect_reads_image_adapters_in_both_layouts(trained, tmp_path):
+    from loraforge.tools import describe
+
+    info = describe(trained)  # the directory: weights, info and learned tokens, not the embeddings file
+    assert info["path"].endswith(WEIGHTS_NAME) and info["format"] == "diffusers"
+    assert info["rank"] == 4 and info["lora_alpha"] == 4.0 and info["base_model"]
+    assert {"to_out.0", "ff.net.2", "conv1", "q_proj"} <= set(info["targets"])
+    assert info["learned_tokens"] == ["<s1>", "<s2>"]
+
+    kohya = tmp_path / "style.safetensors"
+    save_kohya(kohya, read_diffusers(trained))
+    k = describe(kohya)
+    assert k["format"] == "kohya" and k["rank"] == 4 and k["lora_alpha"] == 4.0
+    assert set(k["targets"]) == set(info["targets"]) and k["adapted_modules"] == info["adapted_modules"]
+    assert k["parameters"] == info["parameters"]  # alpha scalars are not parameters
