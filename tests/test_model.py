@@ -214,6 +214,32 @@ def test_mixed_batch_rows_equal_separate_runs(llama, grad):
             torch.testing.assert_close(mixed[row : row + 1], alone, atol=1e-5, rtol=1e-5)
 
 
+def test_mixed_batch_sees_every_weight_change(llama):
+    # The stacked weights are cached between mixed forwards; each way of changing an adapter must show.
+    ids = torch.randint(0, 128, (2, 6))
+    model = get_lora_model(llama, cfg(r=4, target_modules=["q_proj", "v_proj"]))
+    model.add_adapter("b", cfg(r=2, target_modules=["q_proj"]))
+    names = ["default", "b"]
+
+    def check():
+        with torch.no_grad():
+            mixed = model(ids, adapter_names=names).logits
+            for row, name in enumerate(names):
+                model.set_adapter(name)
+                torch.testing.assert_close(mixed[row : row + 1], model(ids[row : row + 1]).logits)
+
+    check()
+    layer = model.model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        layer.lora_B["b"].add_(0.5)  # an in-place update, as an optimizer step makes
+    check()
+    model.delete_adapter("b")  # replaced by a new adapter of the same name and another rank
+    model.add_adapter("b", cfg(r=3, target_modules=["q_proj", "v_proj"]))
+    check()
+    model.load_state_dict({k: v + 0.1 for k, v in model.state_dict().items() if "lora_A" in k}, strict=False)
+    check()
+
+
 def test_mixed_batch_on_conv_unet():
     unet = tiny_unet()
     model = get_lora_model(

@@ -80,6 +80,7 @@ class LoraLayer(nn.Module):
         self.lora_alpha[name] = lora_alpha
         self.scaling[name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
         self.lora_dropout[name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self._stack_cache = None
         if weight.device.type != "meta":
             self.reset_adapter(name, init)
 
@@ -174,10 +175,14 @@ class LoraLayer(nn.Module):
         while no gradient is being recorded and no weight has changed.
         """
         slots = self.batch_slots
+        cache = self._stack_cache
+        # Checked on every forward of every layer, so it avoids the ParameterDict lookups: the cached
+        # Parameter objects (replaced only by add/delete_adapter, which drop the cache) must still have
+        # the same storage and version, i.e. no optimizer step, load or device move since.
+        if cache is not None and cache[0] == slots and not torch.is_grad_enabled():
+            if all(p._version == v and p.data_ptr() == d for p, v, d in cache[1]):
+                return cache[2]
         params = [p for n in slots if n in self.lora_A for p in (self.lora_A[n], self.lora_B[n])]
-        key = (tuple(slots), tuple(p._version for p in params))
-        if self._stack_cache is not None and self._stack_cache[0] == key and not torch.is_grad_enabled():
-            return self._stack_cache[1]
         r_max = max([self.r[n] for n in slots if n in self.lora_A], default=1)
         ref = self.lora_A[next(n for n in slots if n in self.lora_A)] if params else self.base_weight()
         A = ref.new_zeros((len(slots), *self.a_shape(r_max)))
@@ -198,7 +203,7 @@ class LoraLayer(nn.Module):
                 Bs.append(B[i])
         result = (torch.stack(As), torch.stack(Bs))
         if not torch.is_grad_enabled():
-            self._stack_cache = (key, result)
+            self._stack_cache = (list(slots), [(p, p._version, p.data_ptr()) for p in params], result)
         return result
 
     def _add_mixed(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
@@ -235,7 +240,10 @@ class LoraLinear(LoraLayer):
 
     def _lora_forward(self, x, name, scale, result):
         A, B = self.lora_A[name], self.lora_B[name]
-        h = self.lora_dropout[name](x.to(A.dtype))
+        dropout = self.lora_dropout[name]
+        h = x if x.dtype == A.dtype else x.to(A.dtype)
+        if type(dropout) is not nn.Identity:  # p = 0 is the common case: skip a module call per layer
+            h = dropout(h)
         if isinstance(result, torch.Tensor) and result.dtype == A.dtype:
             # One fused multiply-add of the rank-r product into the base output (no extra kernels for
             # scaling and addition, no copy of x). Without autograd it adds in place: the base output
