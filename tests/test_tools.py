@@ -147,3 +147,18 @@ def test_merge_refuses_missing_adapter_before_loading(workspace):
     proc = cli("merge", "--adapter", workspace / "nope", "--out", workspace / "m", check=False)
     assert proc.returncode == 2 and "not an adapter directory" in proc.stderr
     assert not (workspace / "m").exists()
+
+
+def test_adapter_spec_weights_and_mistyped_weights(tmp_path):
+    from loraforge.cli import CliError, parse_adapter_spec
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    assert parse_adapter_spec(f"{adapter}:0.5") == (str(adapter), 0.5)
+    assert parse_adapter_spec(f"{adapter}:-1") == (str(adapter), -1.0)
+    assert parse_adapter_spec(str(adapter)) == (str(adapter), 1.0)
+    colon = tmp_path / "a:b"  # a path with a colon in it stays a path
+    colon.mkdir()
+    assert parse_adapter_spec(str(colon)) == (str(colon), 1.0)
+    with pytest.raises(CliError, match="must be a number, got 'x'"):
+        parse_adapter_spec(f"{adapter}:x")

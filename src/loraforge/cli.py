@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 COMMANDS = {
@@ -77,7 +78,11 @@ def parse_adapter_spec(spec: str) -> tuple[str, float]:
         try:
             return path, float(weight)
         except ValueError:
-            pass
+            # `adapter:x` where `adapter` exists and `adapter:x` does not: a mistyped weight, not a path.
+            if os.path.exists(path) and not os.path.exists(spec):
+                raise CliError(
+                    f"adapter {spec!r}: the weight after ':' must be a number, got {weight!r}"
+                ) from None
     return spec, 1.0
 
 
