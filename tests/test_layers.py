@@ -42,6 +42,23 @@ def test_linear_without_autograd_matches_formula_and_keeps_weights(mode):
     assert torch.equal(base.weight, weight) and torch.equal(x, x_before)
 
 
+class _StridedLinear(nn.Linear):
+    """A linear layer whose output is a non-contiguous view (same values), as some kernels return."""
+
+    def forward(self, x):
+        return super().forward(x).transpose(0, 1).contiguous().transpose(0, 1)
+
+
+def test_linear_without_autograd_handles_a_non_contiguous_base_output():
+    base = _StridedLinear(6, 5)
+    layer = make(LoraLinear, base)
+    x = torch.randn(2, 3, 6)
+    A, B = layer.lora_A["a"], layer.lora_B["a"]
+    with torch.no_grad():
+        assert not base(x).is_contiguous()
+        torch.testing.assert_close(layer(x), base(x) + (8 / 4) * x @ A.T @ B.T)
+
+
 def test_rslora_scaling():
     layer = make(LoraLinear, nn.Linear(6, 5), r=4, alpha=8, rslora=True)
     assert layer.scaling["a"] == pytest.approx(8 / math.sqrt(4))

@@ -37,7 +37,8 @@ class LoraLayer(nn.Module):
     """Base class: adapter bookkeeping, merging and the shared forward.
 
     Subclasses say how x meets A and B (`_lora_forward`), how the adapter-space update maps onto the
-    base weight (`_to_base_weight`), and how rows of a mixed batch are computed (`_add_mixed` / `_mixed_forward`).
+    base weight (`_to_base_weight`), and how rows of a mixed batch are computed (`_add_mixed`, or
+    just the update in `_mixed_forward`).
     """
 
     def __init__(self, base_layer: nn.Module):
@@ -224,6 +225,12 @@ class LoraLayer(nn.Module):
         return out if out is not None else torch.zeros((), dtype=x.dtype, device=x.device)
 
 
+def _may_add_in_place(result: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether the LoRA update may be added into the base layer's output itself: only without autograd
+    (the output is then a fresh tensor nobody else holds) and when a flat view of it exists."""
+    return not torch.is_grad_enabled() and result.dtype == dtype and result.is_contiguous()
+
+
 class LoraLinear(LoraLayer):
     """LoRA on `nn.Linear`, or on transformers' GPT-2 `Conv1D` (weight stored (in, out))."""
 
@@ -248,11 +255,12 @@ class LoraLinear(LoraLayer):
             # One fused multiply-add of the rank-r product into the base output (no extra kernels for
             # scaling and addition, no copy of x). Without autograd it adds in place: the base output
             # is a fresh tensor, and copying it would cost as much as the rank-r product itself.
-            flat, xa = result.reshape(-1, self.out_features), h.reshape(-1, self.in_features) @ A.T
-            if torch.is_grad_enabled() or not flat.is_contiguous():
-                return torch.addmm(flat, xa, B.T, alpha=scale).view(result.shape)
-            flat.addmm_(xa, B.T, alpha=scale)
-            return result
+            xa = h.reshape(-1, self.in_features) @ A.T
+            if _may_add_in_place(result, A.dtype):
+                result.view(-1, self.out_features).addmm_(xa, B.T, alpha=scale)
+                return result
+            flat = result.reshape(-1, self.out_features)
+            return torch.addmm(flat, xa, B.T, alpha=scale).view(result.shape)
         return result + ((h @ A.T) @ B.T * scale).to(
             result.dtype if isinstance(result, torch.Tensor) else B.dtype
         )
@@ -263,9 +271,8 @@ class LoraLinear(LoraLayer):
         h = x.to(A.dtype).reshape(x.shape[0], -1, self.in_features)
         # Dropout is a training-time regulariser; mixed batches are for serving, so it is not applied.
         xa, Bt = torch.bmm(h, A[idx].transpose(1, 2)), B[idx].transpose(1, 2)
-        rows = result.view(x.shape[0], -1, self.out_features) if result.is_contiguous() else None
-        if rows is not None and result.dtype == A.dtype and not torch.is_grad_enabled():
-            rows.baddbmm_(xa, Bt)  # in place into the fresh base output, as in `_lora_forward`
+        if _may_add_in_place(result, A.dtype):
+            result.view(x.shape[0], -1, self.out_features).baddbmm_(xa, Bt)
             return result
         return result + torch.bmm(xa, Bt).view(result.shape).to(result.dtype)
 

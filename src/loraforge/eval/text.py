@@ -8,8 +8,9 @@ Held-out loss: mean cross-entropy over the completion tokens (what training opti
 Follow rate: share of prompts whose greedy generation follows the taught behaviour, judged by
 `loraforge.examples.text.task.follows_task(prompt, generation, reference)`; "exact values" (where the
 checker module has `matches_reference`) also requires the reference's values; "distinct outputs"
-counts the different answers (cut at the first stop), so a format learned without the content shows. With `--adapter`, the
-bare base is measured in the same process (the adapter switched off) and the loss drop is printed.
+counts the different answers (cut at the first stop), so a format learned without the content shows.
+With `--adapter`, the bare base is measured in the same process (the adapter switched off) and the
+loss drop is printed.
 """
 
 from __future__ import annotations
