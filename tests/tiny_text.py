@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from loraforge.bases import resolve_base
+
 CORPUS = [
     "Describe as JSON: Sam read under the round yard.",
     '{"who": "Sam", "did": "read", "where": "under the round yard"}',
@@ -17,15 +19,8 @@ CORPUS = [
     "<|user|> <|assistant|> <|system|> question answer yes no",
 ]
 
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>\n' + message['content'] }}"
-    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
-    "{{ '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
-)
+# The embedded tiny-llama's chat format, read from the shipped base so the two cannot drift apart.
+CHAT_TEMPLATE = (Path(resolve_base("tiny-llama")) / "chat_template.jinja").read_text()
 
 
 def make_tokenizer(chat_template: bool = True):
