@@ -48,10 +48,7 @@ def test_weight_zero_is_exactly_the_base(trained, tiny_sd, tmp_path):
 
 
 def test_same_seed_same_image_and_png_metadata(trained, tiny_sd, tmp_path):
-    a = _generate(
-        tmp_path,
-        "a",
-        tiny_sd,
+    settings = [
         "--adapter",
         f"{trained}:0.8",
         "--num-images",
@@ -64,24 +61,9 @@ def test_same_seed_same_image_and_png_metadata(trained, tiny_sd, tmp_path):
         "4",
         "--scheduler",
         "euler",
-    )
-    b = _generate(
-        tmp_path,
-        "b",
-        tiny_sd,
-        "--adapter",
-        f"{trained}:0.8",
-        "--num-images",
-        "2",
-        "--size",
-        "16x16",
-        "--negative-prompt",
-        "blurry",
-        "--guidance",
-        "4",
-        "--scheduler",
-        "euler",
-    )
+    ]
+    a = _generate(tmp_path, "a", tiny_sd, *settings)
+    b = _generate(tmp_path, "b", tiny_sd, *settings)
     assert sorted(p.name for p in a.iterdir()) == ["5.png", "6.png"]
     assert np.array_equal(_pixels(a / "5.png"), _pixels(b / "5.png"))
     assert np.array_equal(_pixels(a / "6.png"), _pixels(b / "6.png"))

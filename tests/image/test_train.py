@@ -282,18 +282,14 @@ def test_embedded_pipeline_learns_the_example_style(tmp_path):
     towards the style images' score (the full default run moves 81%; 400 steps reach about 63%)."""
     out = tmp_path / "run"
     flags = ["--max_steps", "400", "--save_every", "0", "--progress_bar", "false", "--tensorboard", "false"]
-    train = [sys.executable, "-m", "loraforge.cli", "train-image", "--output_dir", str(out), *flags]
-    proc = subprocess.run(train, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        _cli() + ["train-image", "--output_dir", str(out), *flags],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    evaluate = [
-        sys.executable,
-        "-m",
-        "loraforge.cli",
-        "eval-style",
-        "--adapter",
-        str(out / "adapter"),
-        "--json",
-    ]
+    evaluate = _cli() + ["eval-style", "--adapter", str(out / "adapter"), "--json"]
     proc = subprocess.run(evaluate, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     figures = json.loads(proc.stdout[proc.stdout.index("{") :])

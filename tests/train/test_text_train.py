@@ -164,17 +164,21 @@ KILLER = textwrap.dedent(
 )
 
 
-def test_sigkill_then_resume_latest_is_bit_identical(reference_run, text_env, tmp_path):
-    out = tmp_path / "killed"
-    env = {**os.environ, "STOP_AT": "8", "STOP_SIGNAL": "SIGKILL"}
-    # SIGKILL arrives in the forward pass of step 8: steps 1-7 done, newest checkpoint step-6.
-    proc = subprocess.run(
-        [sys.executable, "-c", KILLER, "train", *run_args(text_env, out)],
-        env=env,
+def train_until_signal(env, out, step, signal):
+    """`loraforge train` in a fresh interpreter that sends itself `signal` in the forward of `step`."""
+    return subprocess.run(
+        [sys.executable, "-c", KILLER, "train", *run_args(env, out)],
+        env={**os.environ, "STOP_AT": str(step), "STOP_SIGNAL": signal},
         capture_output=True,
         text=True,
         timeout=300,
     )
+
+
+def test_sigkill_then_resume_latest_is_bit_identical(reference_run, text_env, tmp_path):
+    out = tmp_path / "killed"
+    # SIGKILL arrives in the forward pass of step 8: steps 1-7 done, newest checkpoint step-6.
+    proc = train_until_signal(text_env, out, 8, "SIGKILL")
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert [s for s, _ in list_checkpoints(out)] == [3, 6]
     assert not (out / "adapter").exists()
@@ -187,14 +191,7 @@ def test_sigkill_then_resume_latest_is_bit_identical(reference_run, text_env, tm
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(reference_run, text_env, tmp_path):
     out = tmp_path / "interrupted"
-    env = {**os.environ, "STOP_AT": "5", "STOP_SIGNAL": "SIGINT"}
-    proc = subprocess.run(
-        [sys.executable, "-c", KILLER, "train", *run_args(text_env, out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = train_until_signal(text_env, out, 5, "SIGINT")
     assert proc.returncode == 130, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert "interrupted at step 5/10" in proc.stdout and "--resume latest" in proc.stdout
