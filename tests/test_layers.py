@@ -72,7 +72,7 @@ def _training_reference(layer, x, weight):
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_linear_training_path_matches_autograd_reference(bias):
-    # While training a frozen nn.Linear, the layer runs its own backward (_LinearWithLora): output and
+    # While training a frozen nn.Linear, the layer runs its own backward (LinearWithLora): output and
     # all three gradients must equal plain autograd on the formula.
     torch.manual_seed(0)
     base = nn.Linear(6, 5, bias=bias).double().requires_grad_(False)
@@ -80,7 +80,7 @@ def test_linear_training_path_matches_autograd_reference(bias):
     layer.active = [("a", 0.25)]
     x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
     out = layer(x)
-    assert type(out.grad_fn).__name__.startswith("_LinearWithLora")
+    assert type(out.grad_fn).__name__.startswith("LinearWithLora")
     out.pow(2).sum().backward()
     ref_out, ref_dx, ref_dA, ref_dB = _training_reference(layer, x, 0.25)
     torch.testing.assert_close(out, ref_out)
@@ -99,9 +99,9 @@ def test_linear_training_path_is_skipped_where_it_would_be_wrong():
     assert base.weight.grad is not None
     base.requires_grad_(False)
     layer.lora_dropout["a"] = nn.Dropout(0.5)
-    assert not type(layer(x).grad_fn).__name__.startswith("_LinearWithLora")
+    assert not type(layer(x).grad_fn).__name__.startswith("LinearWithLora")
     layer.lora_dropout["a"] = nn.Identity()
-    assert type(layer(x).grad_fn).__name__.startswith("_LinearWithLora")
+    assert type(layer(x).grad_fn).__name__.startswith("LinearWithLora")
     base.register_forward_hook(lambda module, args, output: output * 2)
     out = layer(x)
     torch.testing.assert_close(

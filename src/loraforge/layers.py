@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loraforge.kernels import LinearWithLora
+
 
 def is_gpt2_conv1d(module: nn.Module) -> bool:
     """transformers' GPT-2 `Conv1D` (a linear layer whose weight is stored (in, out))."""
@@ -231,39 +233,6 @@ def _may_add_in_place(result: torch.Tensor, dtype: torch.dtype) -> bool:
     return not torch.is_grad_enabled() and result.dtype == dtype and result.is_contiguous()
 
 
-class _LinearWithLora(torch.autograd.Function):
-    """``x Wᵀ + b + scale·(x Aᵀ) Bᵀ`` for a frozen `nn.Linear`, with a backward written for LoRA.
-
-    Autograd's generic backward takes the A gradient as ``xᵀ @ g``, a skinny product CPUs run several
-    times slower than the same numbers as ``gᵀ @ x``; it also adds the LoRA and base input gradients
-    in a separate pass. Here every product runs in the fast orientation and the LoRA input gradient
-    is accumulated into the base one in place. Used only while training (see `LoraLinear.forward`).
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, A, B, scale):
-        x2 = x.reshape(-1, x.shape[-1])
-        xa = x2 @ A.T
-        out = F.linear(x2, weight, bias).addmm_(xa, B.T, alpha=scale)
-        ctx.save_for_backward(x, weight, A, B, xa)
-        ctx.scale = scale
-        return out.view(*x.shape[:-1], out.shape[-1])
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight, A, B, xa = ctx.saved_tensors
-        g = grad.reshape(-1, grad.shape[-1])
-        gb = (g @ B).mul_(ctx.scale)  # (N, r): the gradient reaching x Aᵀ
-        dx = dA = dB = None
-        if ctx.needs_input_grad[0]:
-            dx = (g @ weight).addmm_(gb, A).view(x.shape)
-        if ctx.needs_input_grad[3]:
-            dA = gb.T @ x.reshape(-1, x.shape[-1])
-        if ctx.needs_input_grad[4]:
-            dB = ((xa.T * ctx.scale) @ g).T
-        return dx, None, None, dA, dB, None
-
-
 class LoraLinear(LoraLayer):
     """LoRA on `nn.Linear`, or on transformers' GPT-2 `Conv1D` (weight stored (in, out))."""
 
@@ -279,18 +248,15 @@ class LoraLinear(LoraLayer):
         return delta.T if self.fan_in_fan_out else delta
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        name = self._trainable_single_adapter(x, args, kwargs)
-        if name is None:
+        fused = None if args or kwargs else self.fused_args(x)
+        if fused is None:
             return super().forward(x, *args, **kwargs)
-        weight = self.active[0][1]
-        base = self.base_layer
-        return _LinearWithLora.apply(
-            x, base.weight, base.bias, self.lora_A[name], self.lora_B[name], self.scaling[name] * weight
-        )
+        return LinearWithLora.apply(x, *fused)
 
-    def _trainable_single_adapter(self, x, args, kwargs) -> str | None:
-        """The adapter to run through `_LinearWithLora`, when the fused training path applies: autograd
-        on, a plain frozen `nn.Linear` with no hooks, one unmerged adapter without dropout, one dtype."""
+    def fused_args(self, x: torch.Tensor) -> tuple | None:
+        """(W, b, A, B, scale) for the fused training kernels (`loraforge.kernels`), or None where they do
+        not apply: they need autograd on, a plain frozen `nn.Linear` without hooks, one unmerged
+        adapter without dropout, and one dtype throughout (no autocast)."""
         if (
             not torch.is_grad_enabled()
             or len(self.active) != 1
@@ -298,12 +264,10 @@ class LoraLinear(LoraLayer):
             or self.batch_index is not None
         ):
             return None
-        name = self.active[0][0]
+        name, weight = self.active[0]
         base = self.base_layer
         if (
-            args
-            or kwargs
-            or type(base) is not nn.Linear
+            type(base) is not nn.Linear
             or name in self.merged
             or base.weight.requires_grad
             or (base.bias is not None and base.bias.requires_grad)
@@ -315,7 +279,7 @@ class LoraLinear(LoraLayer):
             or not (x.dtype == base.weight.dtype == self.lora_A[name].dtype)
         ):
             return None
-        return name
+        return base.weight, base.bias, self.lora_A[name], self.lora_B[name], self.scaling[name] * weight
 
     def _lora_forward(self, x, name, scale, result):
         A, B = self.lora_A[name], self.lora_B[name]

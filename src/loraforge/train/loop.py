@@ -511,11 +511,14 @@ def _enable_gradient_checkpointing(task):
     if hasattr(task, "enable_gradient_checkpointing"):
         task.enable_gradient_checkpointing()
         return
-    enable = getattr(task.model, "gradient_checkpointing_enable", None)
-    if enable is None:
-        raise CliError("gradient_checkpointing: this model does not support it")
     # Non-reentrant checkpointing works with frozen inputs (no need to make the embeddings require grad).
-    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(task.model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+        task.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(task.model, "gradient_checkpointing_enable"):
+        task.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise CliError("gradient_checkpointing: this model does not support it")
 
 
 def _install_interrupt_handlers(flag: dict):

@@ -16,13 +16,16 @@ import argparse
 import inspect
 import shlex
 import sys
+import weakref
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from loraforge.cli import CliError
 from loraforge.data.text import IGNORE, DataError, Scan, TextDataset, prompt_and_reference, scan_text_file
+from loraforge.kernels import fused_gated_mlp, gated_mlps, patched_forwards
 from loraforge.train.config import (
     TextTrainConfig,
     add_config_arguments,
@@ -106,15 +109,19 @@ def _float_dtype(model) -> torch.dtype:
     return torch.float32
 
 
+def _transformers_model(model):
+    """The transformers model inside `model` (a LoraModel, maybe wrapped by DDP)."""
+    while hasattr(model, "module") and not hasattr(model, "get_output_embeddings"):  # DDP wrapper
+        model = model.module
+    return getattr(model, "model", model)
+
+
 _ACCEPTS: dict[tuple[type, str], bool] = {}
 
 
 def _accepts(model, name: str) -> bool:
-    """Whether the transformers model inside `model` (LoraModel, maybe DDP-wrapped) takes keyword `name`."""
-    target = model
-    while hasattr(target, "module") and not hasattr(target, "get_output_embeddings"):  # DDP wrapper
-        target = target.module
-    inner = getattr(target, "model", target)  # LoraModel -> transformers model
+    """Whether the transformers model inside `model` takes keyword `name`."""
+    inner = _transformers_model(model)
     key = (type(inner), name)
     if key not in _ACCEPTS:
         try:
@@ -124,12 +131,67 @@ def _accepts(model, name: str) -> bool:
     return _ACCEPTS[key]
 
 
+def _checkpointing(inner) -> bool:
+    """Whether activation (gradient) checkpointing is on; True where it cannot be told."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # transformers 5 / 4
+        if hasattr(type(inner), name):
+            return bool(getattr(inner, name))
+    return True
+
+
+_LAST_LAYER_PARTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def last_layer_positionwise_parts(model) -> list[nn.Module]:
+    """The last decoder layer's MLP and attention output projection, where the model has them.
+
+    Both act on each position separately and feed only the residual stream, which after the last
+    layer reaches nothing but the output head. So when only some positions' logits are wanted, these
+    two may run on those positions alone: ~3/4 of the last layer's matmuls. Mixture-of-experts
+    blocks are left out (their routers see every token).
+    """
+    inner = _transformers_model(model)
+    if inner not in _LAST_LAYER_PARTS:
+        parts = []
+        n_layers = getattr(getattr(inner, "config", None), "num_hidden_layers", None)
+        stacks = [m for m in inner.modules() if isinstance(m, nn.ModuleList) and len(m) == n_layers]
+        if n_layers and stacks:
+            last = stacks[-1][-1]
+            mlp = getattr(last, "mlp", None)
+            if mlp is not None and type(mlp).__name__.endswith("MLP"):
+                parts.append(mlp)
+            o_proj = getattr(getattr(last, "self_attn", None), "o_proj", None)
+            if isinstance(o_proj, nn.Module):
+                parts.append(o_proj)
+        _LAST_LAYER_PARTS[inner] = parts
+    return _LAST_LAYER_PARTS[inner]
+
+
+def only_at_positions(keep: torch.Tensor):
+    """A `patched_forwards` maker: the module computes its (batch, position, features) output at the
+    sequence positions `keep` only; the other positions get zeros (their values must go unused)."""
+
+    def make(module, original):
+        def forward(x, *args, **kwargs):
+            if args or kwargs or x.dim() != 3:
+                return original(x, *args, **kwargs)
+            part = original(x[:, keep])
+            out = part.new_zeros(x.shape[0], x.shape[1], part.shape[-1])
+            return out.index_copy(1, keep, part)
+
+        return forward
+
+    return make
+
+
 def causal_lm_loss(model, batch: dict, device=None) -> tuple[torch.Tensor, int]:
     """Mean next-token cross-entropy over the tokens whose label is not IGNORE, and their count.
 
     Only positions that predict a labelled token go through the output head (`logits_to_keep`, where
     the model supports it): with completion-only training that skips the prompt positions' head and
-    softmax, the largest single matrix of a small model.
+    softmax, the largest single matrix of a small model. The last layer's MLP and attention output
+    projection skip those positions too (see `last_layer_positionwise_parts`), and gated MLPs run as one
+    fused kernel (`loraforge.kernels.GatedMLPWithLora`) while training.
     """
     device = device or next(model.parameters()).device
     kwargs = _forward_kwargs(model, batch, device)
@@ -138,11 +200,18 @@ def causal_lm_loss(model, batch: dict, device=None) -> tuple[torch.Tensor, int]:
     wanted = targets != IGNORE  # (B, L-1): position t predicts token t+1
     n = int(wanted.sum())
     keep = wanted.any(0).nonzero().flatten()
-    if _accepts(model, "logits_to_keep") and keep.numel() < targets.shape[1]:
-        logits = model(**kwargs, logits_to_keep=keep, use_cache=False).logits  # (B, K, V)
-        targets, wanted = targets[:, keep], wanted[:, keep]
-    else:
-        logits = model(**kwargs, use_cache=False).logits[:, :-1]
+    # Checkpointing recomputes the forward during backward, outside these patches: shapes and saved
+    # tensors would differ, so it gets the plain forward.
+    fast = torch.is_grad_enabled() and not _checkpointing(_transformers_model(model))
+    mlps = gated_mlps(_transformers_model(model)) if fast else []
+    with patched_forwards(mlps, fused_gated_mlp):
+        if _accepts(model, "logits_to_keep") and keep.numel() < targets.shape[1]:
+            parts = last_layer_positionwise_parts(model) if fast else []
+            with patched_forwards(parts, only_at_positions(keep)):
+                logits = model(**kwargs, logits_to_keep=keep, use_cache=False).logits  # (B, K, V)
+            targets, wanted = targets[:, keep], wanted[:, keep]
+        else:
+            logits = model(**kwargs, use_cache=False).logits[:, :-1]
     loss = F.cross_entropy(logits[wanted].float(), targets[wanted])
     return loss, n
 
