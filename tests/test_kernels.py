@@ -92,3 +92,13 @@ def test_patched_forwards_nest_and_restore():
     assert calls == ["inner", "outer", "outer"]
     assert "forward" not in lin.__dict__
     torch.testing.assert_close(lin(torch.ones(1, 2)), F.linear(torch.ones(1, 2), lin.weight, lin.bias))
+
+
+def test_finding_gated_mlps_leaves_random_state_and_modes_alone():
+    # Found at the first training step; a resumed run must draw the same random numbers after it.
+    lora = get_lora_model(GatedMLP().double(), LoraConfig(r=3, target_modules="all-linear", lora_dropout=0.1))
+    lora.train()
+    state = torch.get_rng_state()
+    assert gated_mlps(lora) == [lora.model]
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(m.training for m in lora.modules())

@@ -128,11 +128,19 @@ def _computes_gated_mlp(mlp: nn.Module) -> bool:
     weight = gate.base_layer.weight
     if weight.device.type == "meta":
         return False
-    x = torch.randn(2, gate.in_features, dtype=weight.dtype, device=weight.device)
+    # Nothing here may draw from the global random generator (a resumed run must draw exactly what an
+    # uninterrupted one does), so: its own generator, and eval mode (no dropout) for the comparison.
+    generator = torch.Generator(weight.device).manual_seed(0)
+    x = torch.randn(2, gate.in_features, generator=generator, device=weight.device).to(weight.dtype)
+    modes = [(m, m.training) for m in mlp.modules()]
+    mlp.eval()
     try:
         torch.testing.assert_close(mlp(x), down(F.silu(gate(x)) * up(x)))
     except AssertionError:
         return False
+    finally:
+        for m, training in modes:
+            m.training = training
     return True
 
 
