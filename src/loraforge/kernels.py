@@ -17,7 +17,6 @@ autograd is recording, for layers where they give exactly the generic path's res
 
 from __future__ import annotations
 
-import weakref
 from contextlib import contextmanager
 
 import torch
@@ -99,27 +98,32 @@ class GatedMLPWithLora(torch.autograd.Function):
 
 # -- where the gated-MLP kernel applies ----------------------------------------------------------------
 
-_GATED_MLPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
 
 def gated_mlps(model: nn.Module) -> list[nn.Module]:
     """The modules of `model` computing ``down_proj(silu(gate_proj(x)) * up_proj(x))`` with LoRA on all
-    three projections. Found by their parts, then confirmed numerically once (a module with the same
-    parts could combine them differently); cached per model."""
-    if model not in _GATED_MLPS:
-        found = []
-        for module in model.modules():
-            children = module._modules  # its own submodules (a LoraModel forwards attribute lookups)
-            projections = [children.get(n) for n in ("gate_proj", "up_proj", "down_proj")]
-            act = children.get("act_fn")
-            if (
-                all(hasattr(p, "fused_args") for p in projections)
-                and type(act).__name__ in ("SiLU", "SiLUActivation")
-                and _computes_gated_mlp(module)
-            ):
-                found.append(module)
-        _GATED_MLPS[model] = found
-    return _GATED_MLPS[model]
+    three projections. Found by their parts, then confirmed numerically (a module with the same parts
+    could combine them differently)."""
+    found = []
+    for module in model.modules():
+        children = module._modules  # its own submodules (a LoraModel forwards attribute lookups)
+        projections = [children.get(n) for n in ("gate_proj", "up_proj", "down_proj")]
+        act = children.get("act_fn")
+        if (
+            all(hasattr(p, "fused_args") for p in projections)
+            and type(act).__name__ in ("SiLU", "SiLUActivation")
+            and _computes_gated_mlp(module)
+        ):
+            found.append(module)
+    return found
+
+
+def checkpointing(model: nn.Module) -> bool:
+    """Whether `model` (transformers or diffusers) recomputes activations during backward: the patched
+    forwards are gone by then, so it must get the plain ones. True where it cannot be told."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # transformers 5 / 4, diffusers
+        if hasattr(type(model), name):
+            return bool(getattr(model, name))
+    return True
 
 
 @torch.no_grad()
@@ -149,7 +153,7 @@ def fused_gated_mlp(mlp: nn.Module, original):
 
     def forward(x):
         args = [p.fused_args(x) for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
-        if any(a is None for a in args):
+        if any(a is None for a in args):  # no autograd, dropout, trainable base, autocast, ...
             return original(x)
         return GatedMLPWithLora.apply(x, *args[0], *args[1], *args[2])
 

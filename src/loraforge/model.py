@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from loraforge.config import LoraConfig, name_matches
+from loraforge.kernels import checkpointing, fused_gated_mlp, gated_mlps, patched_forwards
 from loraforge.layers import LoraLayer, TrainableCopy, is_gpt2_conv1d, supported, wrap
 
 BASE_ROW = "__base__"  # adapter name meaning "no adapter" for a row of a mixed batch
@@ -37,6 +38,7 @@ class LoraModel(nn.Module):
         self.peft_config: dict[str, LoraConfig] = {}
         self.active_adapters: list[str] = []
         self.adapter_weights: list[float] = []
+        self._gated_mlps: list[nn.Module] | None = None  # found at the first training forward
         for p in self.model.parameters():
             p.requires_grad_(False)
         if config is not None:
@@ -56,9 +58,19 @@ class LoraModel(nn.Module):
     def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
         """Calls the base model. `adapter_names` gives one adapter (or ``"__base__"``) per batch row."""
         if adapter_names is None:
-            return self.model(*args, **kwargs)
+            with self._training_kernels():
+                return self.model(*args, **kwargs)
         with self._mixed_batch(adapter_names):
             return self.model(*args, **kwargs)
+
+    def _training_kernels(self):
+        """While autograd records, gated MLPs with adapters run as one fused kernel (half their activation
+        memory; see `loraforge.kernels`), unless activation checkpointing would re-run the forward."""
+        if not torch.is_grad_enabled() or checkpointing(self.model):
+            return contextlib.nullcontext()
+        if self._gated_mlps is None:
+            self._gated_mlps = gated_mlps(self.model)
+        return patched_forwards(self._gated_mlps, fused_gated_mlp)
 
     def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
         if adapter_names is None:
@@ -154,6 +166,7 @@ class LoraModel(nn.Module):
         parent_name, _, child = name.rpartition(".")
         parent = self.model.get_submodule(parent_name) if parent_name else self.model
         setattr(parent, child, new)
+        self._gated_mlps = None  # the structure changed: find them again
 
     # -- adapters ----------------------------------------------------------------------------------
 

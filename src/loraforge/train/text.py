@@ -17,6 +17,7 @@ import inspect
 import shlex
 import sys
 import weakref
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -25,7 +26,7 @@ from torch import nn
 
 from loraforge.cli import CliError
 from loraforge.data.text import IGNORE, DataError, Scan, TextDataset, prompt_and_reference, scan_text_file
-from loraforge.kernels import fused_gated_mlp, gated_mlps, patched_forwards
+from loraforge.kernels import checkpointing
 from loraforge.train.config import (
     TextTrainConfig,
     add_config_arguments,
@@ -131,14 +132,6 @@ def _accepts(model, name: str) -> bool:
     return _ACCEPTS[key]
 
 
-def _checkpointing(inner) -> bool:
-    """Whether activation (gradient) checkpointing is on; True where it cannot be told."""
-    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # transformers 5 / 4
-        if hasattr(type(inner), name):
-            return bool(getattr(inner, name))
-    return True
-
-
 _LAST_LAYER_PARTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -167,21 +160,35 @@ def last_layer_positionwise_parts(model) -> list[nn.Module]:
     return _LAST_LAYER_PARTS[inner]
 
 
-def only_at_positions(keep: torch.Tensor):
-    """A `patched_forwards` maker: the module computes its (batch, position, features) output at the
-    sequence positions `keep` only; the other positions get zeros (their values must go unused)."""
+@contextmanager
+def only_at_positions(modules: list[nn.Module], keep: torch.Tensor):
+    """Within the block, each module computes its (batch, position, features) output at the sequence
+    positions `keep` only; the other positions get zeros (their values must go unused). Done with
+    hooks, so it composes with whatever forward the module runs (e.g. a fused kernel)."""
 
-    def make(module, original):
-        def forward(x, *args, **kwargs):
-            if args or kwargs or x.dim() != 3:
-                return original(x, *args, **kwargs)
-            part = original(x[:, keep])
-            out = part.new_zeros(x.shape[0], x.shape[1], part.shape[-1])
-            return out.index_copy(1, keep, part)
+    full_length: dict[int, int] = {}
 
-        return forward
+    def narrow(module, args):
+        if len(args) == 1 and args[0].dim() == 3:
+            full_length[id(module)] = args[0].shape[1]
+            return (args[0][:, keep],)
+        return None
 
-    return make
+    def widen(module, args, part):
+        length = full_length.pop(id(module), None)
+        if length is None:
+            return None
+        out = part.new_zeros(part.shape[0], length, part.shape[-1])
+        return out.index_copy(1, keep, part)
+
+    handles = [
+        h for m in modules for h in (m.register_forward_pre_hook(narrow), m.register_forward_hook(widen))
+    ]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def causal_lm_loss(model, batch: dict, device=None) -> tuple[torch.Tensor, int]:
@@ -190,8 +197,7 @@ def causal_lm_loss(model, batch: dict, device=None) -> tuple[torch.Tensor, int]:
     Only positions that predict a labelled token go through the output head (`logits_to_keep`, where
     the model supports it): with completion-only training that skips the prompt positions' head and
     softmax, the largest single matrix of a small model. The last layer's MLP and attention output
-    projection skip those positions too (see `last_layer_positionwise_parts`), and gated MLPs run as one
-    fused kernel (`loraforge.kernels.GatedMLPWithLora`) while training.
+    projection skip those positions too (see `last_layer_positionwise_parts`).
     """
     device = device or next(model.parameters()).device
     kwargs = _forward_kwargs(model, batch, device)
@@ -200,18 +206,14 @@ def causal_lm_loss(model, batch: dict, device=None) -> tuple[torch.Tensor, int]:
     wanted = targets != IGNORE  # (B, L-1): position t predicts token t+1
     n = int(wanted.sum())
     keep = wanted.any(0).nonzero().flatten()
-    # Checkpointing recomputes the forward during backward, outside these patches: shapes and saved
-    # tensors would differ, so it gets the plain forward.
-    fast = torch.is_grad_enabled() and not _checkpointing(_transformers_model(model))
-    mlps = gated_mlps(_transformers_model(model)) if fast else []
-    with patched_forwards(mlps, fused_gated_mlp):
-        if _accepts(model, "logits_to_keep") and keep.numel() < targets.shape[1]:
-            parts = last_layer_positionwise_parts(model) if fast else []
-            with patched_forwards(parts, only_at_positions(keep)):
-                logits = model(**kwargs, logits_to_keep=keep, use_cache=False).logits  # (B, K, V)
-            targets, wanted = targets[:, keep], wanted[:, keep]
-        else:
-            logits = model(**kwargs, use_cache=False).logits[:, :-1]
+    if _accepts(model, "logits_to_keep") and keep.numel() < targets.shape[1]:
+        # Checkpointing recomputes the forward during backward, outside the restriction: shapes differ.
+        restrict = not (torch.is_grad_enabled() and checkpointing(_transformers_model(model)))
+        with only_at_positions(last_layer_positionwise_parts(model) if restrict else [], keep):
+            logits = model(**kwargs, logits_to_keep=keep, use_cache=False).logits  # (B, K, V)
+        targets, wanted = targets[:, keep], wanted[:, keep]
+    else:
+        logits = model(**kwargs, use_cache=False).logits[:, :-1]
     loss = F.cross_entropy(logits[wanted].float(), targets[wanted])
     return loss, n
 
