@@ -7,7 +7,8 @@ example task, tokenized identically, loss on the completion tokens only), with t
 number of steps, so they process exactly the same real tokens:
 
 * loraforge:  `loraforge.train.text.TextTask` + `loraforge.train.loop.train` (batches padded to
-  their own longest example, length-grouped; output head only on the positions that carry loss);
+  their own longest example, length-grouped; output head and the last layer's MLP / o_proj only at
+  the positions that carry loss; the fused kernels of `loraforge.kernels`);
 * HF:         `transformers.Trainer` + `peft.get_peft_model`, every example padded to the longest
   example in the dataset, the model computing its own loss from `labels`.
 

@@ -151,10 +151,10 @@ def _computes_gated_mlp(mlp: nn.Module) -> bool:
 def fused_gated_mlp(mlp: nn.Module, original):
     """A forward for `mlp` that runs `GatedMLPWithLora` where all three projections allow it."""
 
-    def forward(x):
+    def forward(x, *more, **kwargs):
         args = [p.fused_args(x) for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
-        if any(a is None for a in args):  # no autograd, dropout, trainable base, autocast, ...
-            return original(x)
+        if more or kwargs or any(a is None for a in args):  # no autograd, dropout, trainable base, ...
+            return original(x, *more, **kwargs)
         return GatedMLPWithLora.apply(x, *args[0], *args[1], *args[2])
 
     return forward
