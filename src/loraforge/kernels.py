@@ -7,8 +7,8 @@ Autograd's generic backward is correct but, for a frozen layer plus a rank-r ada
 * in a gated MLP (``down(silu(gate(x)) * up(x))``, Llama, Mistral, Qwen) it keeps four
   (tokens x intermediate) activations per layer alive until the backward pass.
 
-`LinearWithLora` runs one frozen linear layer plus one adapter with every product in the fast
-orientation and gradients accumulated in place. `GatedMLPWithLora` runs a whole gated MLP whose three
+`LinearWithLora` runs one frozen linear layer plus one adapter (LoRA dropout included) with every
+product in the fast orientation and gradients accumulated in place. `GatedMLPWithLora` runs a whole gated MLP whose three
 projections carry adapters, keeping only ``gate`` and ``up`` and recomputing the rest (elementwise)
 in the backward pass: half the MLP's activation memory, and no slower. Both are used only while
 autograd is recording, for layers where they give exactly the generic path's result (see
@@ -24,41 +24,54 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def lora_linear(x, weight, bias, A, B, scale) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x Wᵀ + b + scale·(x Aᵀ) Bᵀ, x Aᵀ) for a 2-D x."""
-    xa = x @ A.T
+def lora_linear(x, weight, bias, A, B, scale, h=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x Wᵀ + b + scale·(h Aᵀ) Bᵀ, h Aᵀ) for a 2-D x; h is the adapter's input, x itself by default."""
+    xa = (x if h is None else h) @ A.T
     return F.linear(x, weight, bias).addmm_(xa, B.T, alpha=scale), xa
 
 
-def lora_linear_grads(grad, x, xa, weight, A, B, scale, need_dx=True, dx=None):
-    """(input gradient, A gradient, B gradient) of `lora_linear` for a 2-D output gradient; the input
-    gradient is added into `dx` when given."""
-    gb = (grad @ B).mul_(scale)  # (N, r): the gradient reaching x Aᵀ
-    dA = gb.T @ x
+def lora_linear_grads(grad, h, xa, weight, A, B, scale, need_dx=True, dx=None):
+    """(input gradient, A gradient, B gradient) of `lora_linear` for a 2-D output gradient, where the
+    adapter's input h is x itself; the input gradient is added into `dx` when given. With weight None
+    the input gradient is the adapter's part alone (the gradient reaching h)."""
+    gb = (grad @ B).mul_(scale)  # (N, r): the gradient reaching h Aᵀ
+    dA = gb.T @ h
     dB = ((xa.T * scale) @ grad).T
     if need_dx:
-        dx = torch.addmm(dx, grad, weight) if dx is not None else grad @ weight
-        dx.addmm_(gb, A)
+        if weight is not None:
+            dx = torch.addmm(dx, grad, weight) if dx is not None else grad @ weight
+            dx.addmm_(gb, A)
+        else:
+            dx = gb @ A
     return dx, dA, dB
 
 
 class LinearWithLora(torch.autograd.Function):
-    """``x Wᵀ + b + scale·(x Aᵀ) Bᵀ`` for a frozen W (and b); gradients for x, A and B."""
+    """``x Wᵀ + b + scale·(h Aᵀ) Bᵀ`` for a frozen W (and b); gradients for x, h, A and B.
+
+    h is x after LoRA dropout, or None when there is no dropout (then the adapter's input gradient is
+    added into the base one in place)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, A, B, scale):
+    def forward(ctx, x, h, weight, bias, A, B, scale):
         x2 = x.reshape(-1, x.shape[-1])
-        out, xa = lora_linear(x2, weight, bias, A, B, scale)
-        ctx.save_for_backward(x2, xa, weight, A, B)
-        ctx.scale, ctx.shape = scale, x.shape
+        h2 = None if h is None else h.reshape(-1, h.shape[-1])
+        out, xa = lora_linear(x2, weight, bias, A, B, scale, h2)
+        ctx.save_for_backward(x2 if h is None else h2, xa, weight, A, B)
+        ctx.scale, ctx.shape, ctx.separate = scale, x.shape, h is not None
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
-        x2, xa, weight, A, B = ctx.saved_tensors
+        h2, xa, weight, A, B = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])
-        dx, dA, dB = lora_linear_grads(g, x2, xa, weight, A, B, ctx.scale, ctx.needs_input_grad[0])
-        return (dx.view(ctx.shape) if dx is not None else None), None, None, dA, dB, None
+        need_x, need_h = ctx.needs_input_grad[:2]
+        if not ctx.separate:
+            dx, dA, dB = lora_linear_grads(g, h2, xa, weight, A, B, ctx.scale, need_x)
+            return (dx.view(ctx.shape) if need_x else None), None, None, None, dA, dB, None
+        dh, dA, dB = lora_linear_grads(g, h2, xa, None, A, B, ctx.scale, need_h)
+        dx = (g @ weight).view(ctx.shape) if need_x else None
+        return dx, (dh.view(ctx.shape) if need_h else None), None, None, dA, dB, None
 
 
 class GatedMLPWithLora(torch.autograd.Function):

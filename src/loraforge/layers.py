@@ -248,15 +248,17 @@ class LoraLinear(LoraLayer):
         return delta.T if self.fan_in_fan_out else delta
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        fused = None if args or kwargs else self.fused_args(x)
+        fused = None if args or kwargs else self.fused_args(x, dropout_ok=True)
         if fused is None:
             return super().forward(x, *args, **kwargs)
-        return LinearWithLora.apply(x, *fused)
+        dropout = self.lora_dropout[self.active[0][0]]
+        h = None if type(dropout) is nn.Identity else dropout(x)
+        return LinearWithLora.apply(x, h, *fused)
 
-    def fused_args(self, x: torch.Tensor) -> tuple | None:
+    def fused_args(self, x: torch.Tensor, dropout_ok: bool = False) -> tuple | None:
         """(W, b, A, B, scale) for the fused training kernels (`loraforge.kernels`), or None where they do
         not apply: they need autograd on, a plain frozen `nn.Linear` without hooks, one unmerged
-        adapter without dropout, and one dtype throughout (no autocast)."""
+        adapter (without dropout unless `dropout_ok`), and one dtype throughout (no autocast)."""
         if (
             not torch.is_grad_enabled()
             or len(self.active) != 1
@@ -274,7 +276,7 @@ class LoraLinear(LoraLayer):
             or base._forward_hooks
             or base._forward_pre_hooks
             or hasattr(base, "_hf_hook")
-            or type(self.lora_dropout[name]) is not nn.Identity
+            or (not dropout_ok and type(self.lora_dropout[name]) is not nn.Identity)
             or torch.is_autocast_enabled(x.device.type)
             or not (x.dtype == base.weight.dtype == self.lora_A[name].dtype)
         ):
