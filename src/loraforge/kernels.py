@@ -8,11 +8,11 @@ Autograd's generic backward is correct but, for a frozen layer plus a rank-r ada
   (tokens x intermediate) activations per layer alive until the backward pass.
 
 `LinearWithLora` runs one frozen linear layer plus one adapter (LoRA dropout included) with every
-product in the fast orientation and gradients accumulated in place. `GatedMLPWithLora` runs a whole gated MLP whose three
-projections carry adapters, keeping only ``gate`` and ``up`` and recomputing the rest (elementwise)
-in the backward pass: half the MLP's activation memory, and no slower. Both are used only while
-autograd is recording, for layers where they give exactly the generic path's result (see
-`LoraLinear.fused_args` and `fused_gated_mlp`).
+product in the fast orientation and gradients accumulated in place. `GatedMLPWithLora` runs a whole
+gated MLP whose three projections carry adapters, keeping only ``gate`` and ``up`` and recomputing
+the rest (elementwise) in the backward pass: half the MLP's activation memory, and no slower. Both
+are used only while autograd is recording, for layers where they give exactly the generic path's
+result (see `LoraLinear.fused_args`, `fused_gated_mlp` and `LoraModel._training_kernels`).
 """
 
 from __future__ import annotations
