@@ -84,8 +84,7 @@ class GatedMLPWithLora(torch.autograd.Function):
         gate, x_g = lora_linear(x2, *gate_args)
         up, x_u = lora_linear(x2, *up_args)
         out, x_d = lora_linear(F.silu(gate).mul_(up), *down_args)
-        tensors = [a for a in args if isinstance(a, torch.Tensor) or a is None]
-        ctx.save_for_backward(x2, gate, up, x_g, x_u, x_d, *tensors)
+        ctx.save_for_backward(x2, gate, up, x_g, x_u, x_d, *gate_args[:4], *up_args[:4], *down_args[:4])
         ctx.scales = (gate_args[4], up_args[4], down_args[4])
         ctx.shape = x.shape
         return out.view(*x.shape[:-1], out.shape[-1])

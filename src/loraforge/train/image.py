@@ -520,15 +520,11 @@ class ImageTask:
                     self.text_cache[prompt] = (hidden[0], None if pooled is None else pooled[0])
 
     def enable_gradient_checkpointing(self) -> None:
+        from loraforge.train.loop import enable_activation_checkpointing
+
         self.unet_lora.model.enable_gradient_checkpointing()
         for lora in self.te_loras.values():
-            model = lora.model
-            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
-                model.activation_checkpointing_enable(
-                    activation_checkpointing_kwargs={"use_reentrant": False}
-                )
-            else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(lora.model)
 
     # -- what the loop calls ---------------------------------------------------------------------------
 

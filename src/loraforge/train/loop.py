@@ -511,12 +511,17 @@ def _enable_gradient_checkpointing(task):
     if hasattr(task, "enable_gradient_checkpointing"):
         task.enable_gradient_checkpointing()
         return
-    # Non-reentrant checkpointing works with frozen inputs (no need to make the embeddings require grad).
+    enable_activation_checkpointing(task.model)
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Turns on a transformers model's activation (gradient) checkpointing, non-reentrant: that kind
+    works with frozen inputs (no need to make the embeddings require grad)."""
     kwargs = {"use_reentrant": False}
-    if hasattr(task.model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
-        task.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    elif hasattr(task.model, "gradient_checkpointing_enable"):
-        task.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     else:
         raise CliError("gradient_checkpointing: this model does not support it")
 

@@ -132,7 +132,7 @@ def _accepts(model, name: str) -> bool:
     return _ACCEPTS[key]
 
 
-_LAST_LAYER_PARTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_LAST_LAYERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def last_layer_positionwise_parts(model) -> list[nn.Module]:
@@ -141,23 +141,23 @@ def last_layer_positionwise_parts(model) -> list[nn.Module]:
     Both act on each position separately and feed only the residual stream, which after the last
     layer reaches nothing but the output head. So when only some positions' logits are wanted, these
     two may run on those positions alone: ~3/4 of the last layer's matmuls. Mixture-of-experts
-    blocks are left out (their routers see every token).
+    blocks are left out (their routers see every token). The layer is found once per model; its
+    parts are read on each call, as adding or removing adapters replaces them.
     """
     inner = _transformers_model(model)
-    if inner not in _LAST_LAYER_PARTS:
-        parts = []
+    if inner not in _LAST_LAYERS:
         n_layers = getattr(getattr(inner, "config", None), "num_hidden_layers", None)
         stacks = [m for m in inner.modules() if isinstance(m, nn.ModuleList) and len(m) == n_layers]
-        if n_layers and stacks:
-            last = stacks[-1][-1]
-            mlp = getattr(last, "mlp", None)
-            if mlp is not None and type(mlp).__name__.endswith("MLP"):
-                parts.append(mlp)
-            o_proj = getattr(getattr(last, "self_attn", None), "o_proj", None)
-            if isinstance(o_proj, nn.Module):
-                parts.append(o_proj)
-        _LAST_LAYER_PARTS[inner] = parts
-    return _LAST_LAYER_PARTS[inner]
+        _LAST_LAYERS[inner] = stacks[-1][-1] if n_layers and stacks else None
+    last = _LAST_LAYERS[inner]
+    parts = []
+    mlp = getattr(last, "mlp", None)
+    if mlp is not None and type(mlp).__name__.endswith("MLP"):
+        parts.append(mlp)
+    o_proj = getattr(getattr(last, "self_attn", None), "o_proj", None)
+    if isinstance(o_proj, nn.Module):
+        parts.append(o_proj)
+    return parts
 
 
 @contextmanager
