@@ -150,7 +150,8 @@ def test_merge_refuses_missing_adapter_before_loading(workspace):
 
 
 def test_adapter_spec_weights_and_mistyped_weights(tmp_path):
-    from loraforge.cli import CliError, parse_adapter_spec
+    from loraforge.errors import UserError as CliError
+    from loraforge.runtime import parse_adapter_spec
 
     adapter = tmp_path / "adapter"
     adapter.mkdir()

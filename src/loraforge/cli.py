@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
+
+from loraforge.errors import UserError
 
 COMMANDS = {
     "bases": ("loraforge.tools", "bases", "list the embedded base models"),
@@ -30,10 +31,6 @@ COMMANDS = {
     "generate-image": ("loraforge.infer.image", None, "generate images with one or more adapters"),
     "eval-style": ("loraforge.eval.style", None, "measure how far generated images moved toward a style"),
 }
-
-
-class CliError(ValueError):
-    """A user error: printed as one line, exit status 2."""
 
 
 def _load(command: str):
@@ -62,28 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     args = command_parser.parse_args(argv[1:])
     try:
         return run(args) or 0
-    except (CliError, ValueError, FileNotFoundError) as e:
+    except UserError as e:  # bad input: one line. Anything else is a bug: its traceback, exit status 1.
         print(f"loraforge {command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"loraforge {command}: interrupted", file=sys.stderr)
         return 130
-
-
-def parse_adapter_spec(spec: str) -> tuple[str, float]:
-    """`PATH[:WEIGHT]` -> (path, weight). A Windows drive letter or a path with colons keeps working
-    because only a trailing `:number` is taken as the weight."""
-    path, sep, weight = spec.rpartition(":")
-    if sep and path:
-        try:
-            return path, float(weight)
-        except ValueError:
-            # `adapter:x` where `adapter` exists and `adapter:x` does not: a mistyped weight, not a path.
-            if os.path.exists(path) and not os.path.exists(spec):
-                raise CliError(
-                    f"adapter {spec!r}: the weight after ':' must be a number, got {weight!r}"
-                ) from None
-    return spec, 1.0
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import copy
 import torch
 
 from loraforge.config import LoraConfig
+from loraforge.errors import UserError
 from loraforge.layers import LoraLayer
 
 METHODS = ("cat", "linear", "svd", "ties", "dare_linear")
@@ -34,17 +35,17 @@ def add_weighted_adapter(
     seed: int = 0,
 ) -> None:
     if combination_type not in METHODS:
-        raise ValueError(f"combination_type must be one of {METHODS}, got {combination_type!r}")
+        raise UserError(f"combination_type must be one of {METHODS}, got {combination_type!r}")
     if len(adapters) != len(weights) or not adapters:
-        raise ValueError(
+        raise UserError(
             f"add_weighted_adapter needs one weight per adapter (got {len(adapters)} adapters, {len(weights)} weights)"
         )
     for name in adapters:
         model._check_exists(name)
     if adapter_name in model.peft_config:
-        raise ValueError(f"an adapter named {adapter_name!r} already exists")
+        raise UserError(f"an adapter named {adapter_name!r} already exists")
     if not 0 < density <= 1:
-        raise ValueError(f"density must be in (0, 1], got {density}")
+        raise UserError(f"density must be in (0, 1], got {density}")
     layers = [
         (n, m)
         for n, m in model.model.named_modules()
@@ -55,7 +56,7 @@ def add_weighted_adapter(
     if combination_type == "linear":
         ranks = {m.r[a] for _, m in layers for a in adapters if a in m.lora_A}
         if len(ranks) > 1:
-            raise ValueError(
+            raise UserError(
                 f"combination_type='linear' needs adapters of one rank, got ranks {sorted(ranks)}; use 'cat' or 'svd'"
             )
     generator = torch.Generator().manual_seed(seed)

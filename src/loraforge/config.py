@@ -11,6 +11,8 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from loraforge.errors import NotFound, UserError
+
 CONFIG_NAME = "adapter_config.json"
 INIT_CHOICES = (True, False, "gaussian", "pissa")
 BIAS_CHOICES = ("none", "all", "lora_only")
@@ -71,7 +73,7 @@ class LoraConfig:
 
     def __post_init__(self):
         def fail(name, why):
-            raise ValueError(f"LoraConfig.{name}: {why} (got {getattr(self, name)!r})")
+            raise UserError(f"LoraConfig.{name}: {why} (got {getattr(self, name)!r})")
 
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             fail("r", "must be a positive integer")
@@ -148,9 +150,9 @@ class LoraConfig:
         d = dict(d)
         peft_type = d.pop("peft_type", "LORA")
         if peft_type != "LORA":
-            raise ValueError(f"adapter config is of type {peft_type!r}; loraforge reads LoRA adapters only")
+            raise UserError(f"adapter config is of type {peft_type!r}; loraforge reads LoRA adapters only")
         if d.get("use_dora"):
-            raise ValueError("adapter uses DoRA (use_dora=true), which loraforge does not support")
+            raise UserError("adapter uses DoRA (use_dora=true), which loraforge does not support")
         known = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in known}
         for key in ("rank_pattern", "alpha_pattern"):
@@ -162,11 +164,11 @@ class LoraConfig:
     def from_pretrained(cls, directory: str | Path) -> LoraConfig:
         path = Path(directory) / CONFIG_NAME
         if not path.is_file():
-            raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}")
+            raise NotFound(f"no {CONFIG_NAME} in {directory}")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from e
+            raise UserError(f"{path} is not valid JSON: {e}") from e
         return cls.from_dict(data)
 
 

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loraforge.errors import UserError
 from loraforge.kernels import LinearWithLora
 
 
@@ -104,7 +105,7 @@ class LoraLayer(nn.Module):
             nn.init.zeros_(B)
 
     def _pissa_init(self, name: str):
-        raise ValueError(
+        raise UserError(
             f"init_lora_weights='pissa' supports linear layers only, not {type(self.base_layer).__name__}"
         )
 
@@ -333,7 +334,7 @@ class LoraConv(LoraLayer):
     def __init__(self, base_layer: nn.Conv1d | nn.Conv2d):
         super().__init__(base_layer)
         if base_layer.groups != 1:
-            raise ValueError("LoRA on grouped convolutions is not supported")
+            raise UserError("LoRA on grouped convolutions is not supported")
         self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
         self.kernel_size = tuple(base_layer.kernel_size)
         self._conv = F.conv2d if isinstance(base_layer, nn.Conv2d) else F.conv1d

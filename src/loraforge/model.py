@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from loraforge.config import LoraConfig, name_matches
+from loraforge.errors import UserError
 from loraforge.kernels import checkpointing, fused_gated_mlp, gated_mlps, patched_forwards
 from loraforge.layers import LoraLayer, TrainableCopy, is_gpt2_conv1d, supported, wrap
 
@@ -139,13 +140,13 @@ class LoraModel(nn.Module):
             elif config.target_modules != "all-linear" and not list(module.children()):
                 unsupported.append(f"{name} ({type(module).__name__})")
         if unsupported:
-            raise ValueError(
+            raise UserError(
                 "target_modules matched layers loraforge cannot adapt (supported: Linear, Conv1d, Conv2d, "
                 f"Embedding, GPT-2 Conv1D): {', '.join(unsupported[:5])}"
             )
         if not targets:
             sample = sorted({name.split(".")[-1] for name, m in self._plain_modules() if supported(m)})
-            raise ValueError(
+            raise UserError(
                 f"target_modules={config.target_modules!r} matched no module of {type(self.model).__name__}. "
                 f"Adaptable module names in this model include: {', '.join(sample[:25])}"
             )
@@ -180,15 +181,15 @@ class LoraModel(nn.Module):
             or "." in adapter_name
             or adapter_name == BASE_ROW
         ):
-            raise ValueError(
+            raise UserError(
                 f"invalid adapter name {adapter_name!r}: a non-empty string without dots, not {BASE_ROW!r}"
             )
         if adapter_name in self.peft_config:
-            raise ValueError(
+            raise UserError(
                 f"an adapter named {adapter_name!r} already exists; pick another name or delete it"
             )
         if hasattr(nn.ParameterDict(), adapter_name):
-            raise ValueError(
+            raise UserError(
                 f"invalid adapter name {adapter_name!r}: it clashes with a torch.nn.Module attribute"
             )
         targets = self.find_targets(config)
@@ -197,7 +198,7 @@ class LoraModel(nn.Module):
             module = self._module(name)
             if not isinstance(module, LoraLayer):
                 if isinstance(module, TrainableCopy):
-                    raise ValueError(
+                    raise UserError(
                         f"{name} is in modules_to_save of another adapter and cannot also get LoRA"
                     )
                 module = wrap(module)
@@ -233,12 +234,12 @@ class LoraModel(nn.Module):
         # Keep only outermost matches (a head and its own children would otherwise both be copied).
         found = [n for n in found if not any(n.startswith(o + ".") for o in found if o != n)]
         if not found:
-            raise ValueError(f"modules_to_save={config.modules_to_save!r} matched no module")
+            raise UserError(f"modules_to_save={config.modules_to_save!r} matched no module")
         return found
 
     def _check_exists(self, name: str):
         if name not in self.peft_config:
-            raise ValueError(
+            raise UserError(
                 f"unknown adapter {name!r}; this model has: {', '.join(self.peft_config) or 'none'}"
             )
 
@@ -253,9 +254,9 @@ class LoraModel(nn.Module):
             adapter_names = [adapter_names]
         weights = [1.0] * len(adapter_names) if weights is None else list(weights)
         if len(weights) != len(adapter_names):
-            raise ValueError(f"set_adapters got {len(adapter_names)} adapters but {len(weights)} weights")
+            raise UserError(f"set_adapters got {len(adapter_names)} adapters but {len(weights)} weights")
         if len(set(adapter_names)) != len(adapter_names):
-            raise ValueError(f"set_adapters got a name twice: {adapter_names}")
+            raise UserError(f"set_adapters got a name twice: {adapter_names}")
         for name in adapter_names:
             self._check_exists(name)
         if any(layer.merged for layer in self.lora_layers()):
@@ -445,7 +446,7 @@ def _layer_index(name: str, pattern) -> int | None:
 def _targeted(name: str, module: nn.Module, config: LoraConfig, head: str | None) -> bool:
     targets = config.target_modules
     if targets is None:
-        raise ValueError(
+        raise UserError(
             "LoraConfig.target_modules is required: name the modules to adapt, or use 'all-linear'"
         )
     if targets == "all-linear":

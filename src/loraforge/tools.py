@@ -17,11 +17,12 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from loraforge.bases import DEFAULT_TEXT_BASE, EMBEDDED_BASES, resolve_base
-from loraforge.cli import CliError, parse_adapter_spec
+from loraforge.bases import EMBEDDED_BASES
 from loraforge.combine import METHODS
 from loraforge.config import CONFIG_NAME
+from loraforge.errors import UserError
 from loraforge.formats.peft import PREFIX, WEIGHTS_NAME, read_adapter
+from loraforge.runtime import adapter_name, describe_base, load_text, parse_adapter_specs
 
 # -- bases -----------------------------------------------------------------------------------------
 
@@ -42,56 +43,6 @@ def bases_run(args) -> int:
         status = "" if r["present"] else "  (weights missing)"
         print(f"{r['name']:<12} {r['kind']:<6} {r['path']}{status}\n{'':<20}{r['about']}")
     return 0
-
-
-# -- shared helpers --------------------------------------------------------------------------------
-
-
-def adapter_specs(specs: list[str]) -> list[tuple[Path, float]]:
-    """Parses PATH[:WEIGHT] specs and checks each path is an adapter directory, before any model loads."""
-    out = []
-    for spec in specs:
-        path, weight = parse_adapter_spec(spec)
-        path = Path(path)
-        if not (path / CONFIG_NAME).is_file():
-            raise CliError(f"{path} is not an adapter directory (no {CONFIG_NAME})")
-        out.append((path, weight))
-    return out
-
-
-def base_for(base: str | None, adapters: list[tuple[Path, float]]) -> str:
-    """The base to load: as given, else the one recorded in the first adapter, else the embedded default."""
-    if base:
-        return resolve_base(base)
-    recorded = (
-        json.loads((adapters[0][0] / CONFIG_NAME).read_text()).get("base_model_name_or_path")
-        if adapters
-        else None
-    )
-    if recorded and (recorded in EMBEDDED_BASES or Path(recorded).exists()):
-        return resolve_base(recorded)
-    if recorded:
-        return recorded  # a hub id: transformers resolves it (cache or download)
-    return resolve_base(DEFAULT_TEXT_BASE)
-
-
-def load_with_adapters(base: str | None, adapters: list[tuple[Path, float]], torch_dtype=None):
-    """Loads a causal LM and activates the adapters at their weights. Returns (LoraModel, base path)."""
-    from transformers import AutoModelForCausalLM
-
-    from loraforge.model import LoraModel
-
-    base_path = base_for(base, adapters)
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch_dtype or torch.float32)
-    lora = LoraModel(model)
-    names = []
-    for i, (path, _) in enumerate(adapters):
-        name = "default" if i == 0 else f"adapter{i}"
-        lora.load_adapter(path, name)
-        names.append(name)
-    if names:
-        lora.set_adapters(names, [w for _, w in adapters])
-    return lora.eval(), base_path
 
 
 # -- merge -----------------------------------------------------------------------------------------
@@ -117,13 +68,12 @@ def merge_arguments(parser):
 
 
 def merge_run(args) -> int:
-    from transformers import AutoTokenizer
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
-        raise CliError(f"{out} exists and is not empty; choose a new --out")
-    adapters = adapter_specs(args.adapter)
-    lora, base_path = load_with_adapters(args.base, adapters)
+        raise UserError(f"{out} exists and is not empty; choose a new --out")
+    rt = load_text(args.base, args.adapter, require_tokenizer=False)
+    lora = rt.model
     probe = torch.randint(
         0, lora.model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0)
     )
@@ -134,15 +84,15 @@ def merge_run(args) -> int:
             diff = (merged(input_ids=probe).logits - expected).abs().max().item()
             print(f"merged vs unmerged logits: max abs difference {diff:.2e}")
             if diff > 1e-3:
-                raise CliError(f"merged model differs from the unmerged one by {diff:.2e}; not saved")
+                raise UserError(f"merged model differs from the unmerged one by {diff:.2e}; not saved")
     # Write into a sibling temp directory and rename, so an interrupted merge leaves no half model.
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
         merged.save_pretrained(tmp, max_shard_size=args.max_shard_size)
-        try:
-            AutoTokenizer.from_pretrained(base_path).save_pretrained(tmp)
-        except (OSError, ValueError):
+        if rt.tokenizer is not None:
+            rt.tokenizer.save_pretrained(tmp)
+        else:
             print("note: base has no tokenizer to copy")
         if out.exists():
             out.rmdir()
@@ -150,8 +100,8 @@ def merge_run(args) -> int:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    weights = ", ".join(f"{p}:{w:g}" for p, w in adapters)
-    print(f"merged {weights} into {base_path}\nsaved standalone model to {out}")
+    weights = ", ".join(str(s) for _, s in rt.adapters)
+    print(f"merged {weights} onto a copy of {describe_base(rt.base)}\nsaved standalone model to {out}")
     print(
         f"use it: AutoModelForCausalLM.from_pretrained({str(out)!r})  or  loraforge generate --base {out} --prompt ..."
     )
@@ -217,20 +167,20 @@ def _skeleton_for(tensors: dict[str, torch.Tensor]) -> nn.Module:
 def mix_run(args) -> int:
     from loraforge.model import LoraModel
 
-    adapters = adapter_specs(args.adapters)
+    adapters = parse_adapter_specs(args.adapters)
     out = Path(args.out)
-    loaded = [read_adapter(p) for p, _ in adapters]
+    loaded = [read_adapter(s.path) for s in adapters]
     union = {}
     for _, tensors in loaded:
         union.update(tensors)
     lora = LoraModel(_skeleton_for(union))
     names = []
-    for i, (path, _) in enumerate(adapters):
-        names.append(f"in{i}")
-        lora.load_adapter(path, names[-1])
+    for i, spec in enumerate(adapters):
+        names.append(adapter_name(i))
+        lora.load_adapter(spec.path, names[-1])
     lora.add_weighted_adapter(
         names,
-        [w for _, w in adapters],
+        [s.weight for s in adapters],
         "default",
         args.method,
         svd_rank=args.rank,
@@ -241,7 +191,7 @@ def mix_run(args) -> int:
     config.base_model_name_or_path = loaded[0][0].base_model_name_or_path
     config.task_type = loaded[0][0].task_type
     lora.save_pretrained(out, selected_adapters=["default"])
-    print(f"mixed {' + '.join(f'{w:g} x {p}' for p, w in adapters)} with {args.method} -> {out}")
+    print(f"mixed {' + '.join(f'{s.weight:g} x {s.source}' for s in adapters)} with {args.method} -> {out}")
     return 0
 
 
@@ -299,11 +249,11 @@ def describe(path: Path) -> dict:
         others = [p for p in sorted(path.glob("*.safetensors")) if p.name != image_files.EMBEDS_NAME]
         weights = next((c for c in [*named, *others] if c.exists()), None)
         if weights is None:
-            raise CliError(f"no .safetensors adapter file in {path}")
+            raise UserError(f"no .safetensors adapter file in {path}")
     else:
         weights = path
     if not weights.exists():
-        raise CliError(f"no such file: {weights}")
+        raise UserError(f"no such file: {weights}")
     config_path = weights.parent / CONFIG_NAME
     config = json.loads(config_path.read_text()) if config_path.exists() else {}
     info_path = weights.parent / image_files.INFO_NAME
@@ -316,7 +266,7 @@ def describe(path: Path) -> dict:
             metadata = f.metadata() or {}
             kohya_alphas = sorted({float(f.get_tensor(k)) for k in keys if k.endswith(".alpha")})
     except Exception as e:
-        raise CliError(f"{weights} is not a readable safetensors file: {e}") from e
+        raise UserError(f"{weights} is not a readable safetensors file: {e}") from e
     if any("lora_down" in k for k in keys):
         fmt, down = "kohya", "lora_down"
     elif any(k.startswith(("unet.", "text_encoder", "transformer.")) for k in keys):

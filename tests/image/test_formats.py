@@ -22,7 +22,7 @@ from loraforge.formats.diffusers import (
     read_image_lora,
 )
 from loraforge.formats.kohya import key_map, read_kohya, save_kohya
-from loraforge.infer.image import PipelineAdapters, apply_adapters, load_pipeline
+from loraforge.runtime import PipelineAdapters, apply_adapters, load_pipeline
 
 PROMPT = "a circle, in the style of <s1><s2>"
 

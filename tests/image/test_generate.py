@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from loraforge.cli import main
-from loraforge.infer.image import apply_adapters, load_pipeline, parse_size
+from loraforge.infer.image import parse_size
+from loraforge.runtime import apply_adapters, load_pipeline
 
 PROMPT = "a circle, in the style of <s1><s2>"
 

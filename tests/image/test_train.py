@@ -76,7 +76,7 @@ def test_cli_train_image_writes_the_adapter_files(tiny_sd, style_dir, tmp_path):
 
 
 def test_only_the_new_token_rows_change(tiny_sd, style_dir, tmp_path):
-    from loraforge.infer.image import load_pipeline
+    from loraforge.runtime import load_pipeline
 
     original = load_pipeline(tiny_sd).text_encoder.get_input_embeddings().weight.detach().clone()
     result, task = train_adapter(tiny_sd, style_dir, tmp_path / "run", max_steps=3)

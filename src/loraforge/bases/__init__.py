@@ -5,6 +5,8 @@ Each is a normal `transformers` / `diffusers` directory produced by a script in 
 
 from pathlib import Path
 
+from loraforge.errors import NotFound
+
 BASES_DIR = Path(__file__).parent
 
 EMBEDDED_BASES = {
@@ -28,6 +30,6 @@ def resolve_base(name_or_path: str) -> str:
     if name_or_path in EMBEDDED_BASES:
         path = EMBEDDED_BASES[name_or_path][1]
         if not (path / "config.json").exists() and not (path / "model_index.json").exists():
-            raise FileNotFoundError(f"embedded base {name_or_path!r} is missing its weights at {path}")
+            raise NotFound(f"embedded base {name_or_path!r} is missing its weights at {path}")
         return str(path)
     return name_or_path

@@ -30,14 +30,12 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from loraforge.errors import DataError, UserError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 CAPTION_EXTENSION = ".txt"
 METADATA_NAME = "metadata.jsonl"
 CAPTION_COLUMNS = ("text", "caption", "prompt")
-
-
-class DataError(ValueError):
-    """The training data cannot be used (no usable image, or a problem in strict mode)."""
 
 
 @dataclass
@@ -288,9 +286,9 @@ class PromptBuilder:
             try:
                 template.format(caption="", tokens="")
             except (KeyError, IndexError, ValueError) as e:
-                raise ValueError(f"{name} {template!r} may only use {{caption}} and {{tokens}}: {e}") from e
+                raise UserError(f"{name} {template!r} may only use {{caption}} and {{tokens}}: {e}") from e
         if "{caption}" not in self.caption_template:
-            raise ValueError(f"caption_template {self.caption_template!r} must contain {{caption}}")
+            raise UserError(f"caption_template {self.caption_template!r} must contain {{caption}}")
 
     @property
     def token_string(self) -> str:
@@ -311,7 +309,7 @@ def make_buckets(resolution: int, step: int, max_ratio: float = 2.0) -> list[tup
     """(width, height) sizes of about resolution² pixels, both multiples of `step`, aspect ratio at most
     `max_ratio`; always includes the square."""
     if resolution % step:
-        raise ValueError(f"resolution {resolution} must be a multiple of {step} for this pipeline")
+        raise UserError(f"resolution {resolution} must be a multiple of {step} for this pipeline")
     area = resolution * resolution
     buckets = {(resolution, resolution)}
     width = step
@@ -347,7 +345,7 @@ def resize_and_crop(image, target: tuple[int, int], crop: str = "center", rng: r
     elif crop == "center":
         left, top = (nw - tw) // 2, (nh - th) // 2
     else:
-        raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
+        raise UserError(f"crop must be 'center' or 'random', got {crop!r}")
     return image.crop((left, top, left + tw, top + th)), (top, left)
 
 

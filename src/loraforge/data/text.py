@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from loraforge.errors import DataError, NotFound, UserError
+
 IGNORE = -100
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 FORMAT_NAMES = {
@@ -45,10 +47,6 @@ FORMAT_NAMES = {
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
 ALPACA_PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 CHAT_ROLES = ("system", "user", "assistant", "tool")
-
-
-class DataError(ValueError):
-    """A problem with the data that the user has to fix (printed as one line by the CLI)."""
 
 
 @dataclass
@@ -140,7 +138,7 @@ def scan_text_file(path: str | Path, strict: bool = False) -> Scan:
     empty file, a file with no usable row, or (with `strict`) the first bad row."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
+        raise NotFound(f"data file not found: {path}")
     raw = path.read_bytes()
     if path.suffix.lower() in TEXT_SUFFIXES:
         jsonl = False
@@ -293,7 +291,7 @@ def _segments(record: Record, tokenizer) -> tuple[list[tuple[str, bool]], bool, 
         )
     if kind == "chat":
         return _chat_segments(fields_["messages"], tokenizer)
-    raise ValueError(f"unknown record kind {kind!r}")
+    raise UserError(f"unknown record kind {kind!r}")
 
 
 def _chat_segments(messages, tokenizer):

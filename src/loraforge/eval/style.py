@@ -30,6 +30,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from loraforge.errors import UserError
+
 STYLE_PALETTE = np.array(
     [(235, 20, 185), (255, 145, 20), (85, 10, 105)], dtype=np.float64
 )  # magenta, orange, plum
@@ -120,7 +122,7 @@ def style_components(images: Iterable) -> dict[str, float]:
     """Mean palette and stripe parts over ``images`` plus the combined ``score``."""
     images = list(images)
     if not images:
-        raise ValueError("style_score needs at least one image")
+        raise UserError("style_score needs at least one image")
     pal = float(np.mean([palette_score(im) for im in images]))
     stripes = float(np.mean([stripe_score(im) for im in images]))
     return {"palette": pal, "stripes": stripes, "score": PALETTE_WEIGHT * pal + STRIPE_WEIGHT * stripes}
@@ -208,7 +210,7 @@ def _default_prompts(records, adapter_path) -> list[str]:
 def run(args) -> int:
     from pathlib import Path
 
-    from loraforge.cli import parse_adapter_spec
+    from loraforge.runtime import parse_adapter_specs
 
     style_dir = (
         Path(args.style_dir)
@@ -224,26 +226,24 @@ def run(args) -> int:
         _report(figures, args.json)
         return 0
     if args.num_images < 1 or args.steps < 1:
-        raise ValueError("--num-images and --steps must be at least 1")
-    adapter = parse_adapter_spec(args.adapter) if args.adapter else None
-    if adapter and not Path(adapter[0]).exists():
-        raise FileNotFoundError(f"adapter not found: {adapter[0]}")
-    prompts = args.prompt or _default_prompts(records, adapter[0] if adapter else None)
+        raise UserError("--num-images and --steps must be at least 1")
+    adapter = parse_adapter_specs([args.adapter])[0] if args.adapter else None
+    prompts = args.prompt or _default_prompts(records, adapter.source if adapter else None)
 
     import torch
 
-    from loraforge.infer.image import GenerationSettings, apply_adapters, generate, load_pipeline
+    from loraforge.runtime import GenerationSettings, apply_adapters, load_pipeline, render
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe = load_pipeline(args.base, device=device)
 
-    def render(tag):
+    def images_for(tag):
         images = []
         for prompt in prompts:
             settings = GenerationSettings(
                 prompt=prompt, seed=args.seed, steps=args.steps, guidance=args.guidance
             )
-            images += generate(pipe, settings, args.num_images)
+            images += render(pipe, settings, args.num_images)
         if args.out:
             folder = Path(args.out) / tag
             folder.mkdir(parents=True, exist_ok=True)
@@ -252,10 +252,10 @@ def run(args) -> int:
         return images
 
     # The base first: loading the adapter adds its tokens to this pipeline's tokenizer.
-    figures["base"] = style_components(render("base"))
+    figures["base"] = style_components(images_for("base"))
     if adapter:
         apply_adapters(pipe, [adapter])
-        figures["adapter"] = style_components(render("adapter"))
+        figures["adapter"] = style_components(images_for("adapter"))
         gap = figures["style"]["score"] - figures["base"]["score"]
         moved = (
             (figures["adapter"]["score"] - figures["base"]["score"]) / gap
@@ -263,7 +263,7 @@ def run(args) -> int:
             else float("nan")
         )
         figures["moved"] = moved
-        figures["adapter_spec"] = {"path": adapter[0], "weight": adapter[1]}
+        figures["adapter_spec"] = {"path": adapter.source, "weight": adapter.weight}
     figures["prompts"] = prompts
     figures["num_images"] = args.num_images * len(prompts)
     _report(figures, args.json)

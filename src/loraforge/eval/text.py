@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from loraforge.cli import CliError
+from loraforge.errors import UserError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -135,24 +135,24 @@ def measure(model, tokenizer, dataset, prompts, references, args, stop_ids) -> d
 
 def run(args: argparse.Namespace) -> int:
     from loraforge.data.text import TextDataset, prompt_and_reference, scan_text_file
-    from loraforge.infer.text import default_base, load_with_adapters
+    from loraforge.runtime import load_text
     from loraforge.train.text import EXAMPLE_HELDOUT
 
     data = Path(args.data) if args.data else EXAMPLE_HELDOUT
     scan = scan_text_file(data)  # checked before any model is loaded
     if args.max_examples > 0:
         scan.records = scan.records[: args.max_examples]
-    base = args.base or default_base(args.adapter)
-    model, tokenizer, loaded = load_with_adapters(base, args.adapter, args.dtype, args.trust_remote_code)
+    rt = load_text(args.base, args.adapter, args.dtype, args.trust_remote_code)
+    model, tokenizer, loaded = rt.model, rt.tokenizer, rt.adapters
     model.eval()
     dataset = TextDataset(scan, tokenizer, args.max_length, "completion", packing=False)
     pairs = [prompt_and_reference(r, tokenizer) for r in scan.records]
     pairs = [p for p in pairs if p is not None]
     if not pairs:
-        raise CliError(f"{data}: no prompt/completion rows to generate from")
+        raise UserError(f"{data}: no prompt/completion rows to generate from")
     prompts, references = [p for p, _ in pairs], [r for _, r in pairs]
     stop_ids = _stop_token_ids(tokenizer)
-    print(f"data: {data} ({len(pairs)} prompts); base: {base}")
+    print(f"data: {data} ({len(pairs)} prompts); {rt.describe()}")
 
     results = {}
     if loaded:
@@ -179,8 +179,6 @@ def run(args: argparse.Namespace) -> int:
         drop = 100 * (1 - results["adapter"]["loss"] / results["base"]["loss"])
         summary["loss_drop_percent"] = drop
         print(f"{'loss drop':<22}{drop:>31.1f}%")
-        adapters = ", ".join(f"{p} x{w:g}" for _, p, w in loaded)
-        print(f"adapter: {adapters}")
     shown = results["adapter" if loaded else "base"]["samples"][: max(0, args.show)]
     if shown:
         print("\nexamples (greedy" + (", with adapter" if loaded else "") + "):")

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from loraforge.errors import UserError
 from loraforge.formats.diffusers import ImageLora, ModuleLora, canonical_name
 from loraforge.formats.io import load_tensors
 
@@ -69,29 +70,29 @@ def read_cloneofsimo(path: str | Path, components: dict[str, nn.Module]) -> Imag
             continue
         parts = key.split(":")
         if len(parts) != 3 or parts[2] not in ("up", "down") or not parts[1].isdigit():
-            raise ValueError(
+            raise UserError(
                 f"{path}: unrecognised key {key!r} (expected '<model>:<index>:up|down' or a token)"
             )
         groups.setdefault(parts[0], {}).setdefault(int(parts[1]), {})[parts[2]] = tensor
     for component, entries in groups.items():
         model = components.get(component)
         if model is None:
-            raise ValueError(f"{path} has LoRA weights for {component!r}, which this pipeline does not have")
+            raise UserError(f"{path} has LoRA weights for {component!r}, which this pipeline does not have")
         model = getattr(model, "model", model)  # a LoraModel's wrapped model
         try:
             classes = set(json.loads(meta[component]))
         except (KeyError, json.JSONDecodeError, TypeError) as e:
-            raise ValueError(f"{path}: metadata lacks the target class list for {component!r}") from e
+            raise UserError(f"{path}: metadata lacks the target class list for {component!r}") from e
         indices = sorted(entries)
         if indices != list(range(len(indices))):
-            raise ValueError(f"{path}: {component} module numbers are not 0..{len(indices) - 1}")
+            raise UserError(f"{path}: {component} module numbers are not 0..{len(indices) - 1}")
         modules = _ordered_modules(model, classes, (nn.Linear,))
         if len(modules) != len(indices):
             with_conv = _ordered_modules(model, classes, (nn.Linear, nn.Conv2d))
             if len(with_conv) == len(indices):
                 modules = with_conv
             else:
-                raise ValueError(
+                raise UserError(
                     f"{path} does not fit this pipeline: {len(indices)} {component} LoRA modules in the file, "
                     f"{len(modules)} adaptable layers inside {sorted(classes)} in the model"
                 )
@@ -99,18 +100,18 @@ def read_cloneofsimo(path: str | Path, components: dict[str, nn.Module]) -> Imag
         for i, (name, module) in zip(indices, modules):
             entry = entries[i]
             if "up" not in entry or "down" not in entry:
-                raise ValueError(f"{path}: {component}:{i} lacks its up or down weight")
+                raise UserError(f"{path}: {component}:{i} lacks its up or down weight")
             down, up = entry["down"], entry["up"]
             expected_in = module.in_features if isinstance(module, nn.Linear) else module.in_channels
             expected_out = module.out_features if isinstance(module, nn.Linear) else module.out_channels
             if down.shape[1] != expected_in or up.shape[0] != expected_out or up.shape[1] != down.shape[0]:
-                raise ValueError(
+                raise UserError(
                     f"{path} does not fit this pipeline: {component}:{i} maps to {name} "
                     f"({expected_in}->{expected_out}) but has down {tuple(down.shape)}, up {tuple(up.shape)}"
                 )
             rank = int(meta.get(f"{component}:{i}:rank", down.shape[0]))
             if rank != down.shape[0]:
-                raise ValueError(
+                raise UserError(
                     f"{path}: {component}:{i} rank {rank} in the metadata, {down.shape[0]} in the weights"
                 )
             out[canonical_name(component, model, name)] = ModuleLora(down=down, up=up, alpha=float(rank))

@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from loraforge.config import LoraConfig
+from loraforge.errors import NotFound, UserError
 from loraforge.formats.io import load_tensors, save_json, save_tensors
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -124,7 +125,7 @@ def extract(lora_model, adapter_name: str, component: str | None = None) -> dict
         if not isinstance(layer, LoraLayer) or adapter_name not in layer.lora_A:
             continue
         if isinstance(layer, LoraEmbedding):
-            raise ValueError(
+            raise UserError(
                 f"{name}: LoRA on embeddings has no Stable Diffusion file format; train token embeddings instead"
             )
         r = layer.r[adapter_name]
@@ -139,7 +140,7 @@ def extract(lora_model, adapter_name: str, component: str | None = None) -> dict
 def config_for(modules: dict[str, ModuleLora]) -> LoraConfig:
     """A LoraConfig selecting exactly these modules, with per-module ranks and alphas."""
     if not modules:
-        raise ValueError("an adapter component with no modules")
+        raise UserError("an adapter component with no modules")
     ranks = {n: m.rank for n, m in modules.items()}
     alphas = {n: float(m.alpha) for n, m in modules.items()}
     r = Counter(ranks.values()).most_common(1)[0][0]
@@ -159,7 +160,7 @@ def _fit(tensor: torch.Tensor, shape: tuple[int, ...], what: str) -> torch.Tenso
     # A 1x1 convolution and a linear layer hold the same matrix; files disagree on which they store.
     if tensor.numel() == math.prod(shape) and tensor.shape[:2] == tuple(shape[:2]):
         return tensor.reshape(shape)
-    raise ValueError(f"{what}: shape {tuple(tensor.shape)} in the file, the model needs {tuple(shape)}")
+    raise UserError(f"{what}: shape {tuple(tensor.shape)} in the file, the model needs {tuple(shape)}")
 
 
 def apply(
@@ -182,11 +183,11 @@ def apply(
     for name, m in modules.items():
         module = plain.get(name)
         if module is None:
-            raise ValueError(
+            raise UserError(
                 f"{where} does not fit this model: it has no module {name!r} (is it for another base?)"
             )
         if not supported(module):
-            raise ValueError(f"{where}: {name} is a {type(module).__name__}, which LoRA cannot adapt here")
+            raise UserError(f"{where}: {name} is a {type(module).__name__}, which LoRA cannot adapt here")
         current = lora_model.model.get_submodule(name)
         layer = current if isinstance(current, LoraLayer) else wrap(module)
         _fit(m.down, layer.a_shape(m.rank), f"{where}: {name} down")
@@ -194,7 +195,7 @@ def apply(
     found = set(lora_model.find_targets(config))
     if found != set(modules):
         odd = sorted(found ^ set(modules))
-        raise ValueError(
+        raise UserError(
             f"{where}: its module names do not select exactly its modules in this model: {odd[:3]}"
         )
     lora_model.add_adapter(adapter_name, config)
@@ -292,7 +293,7 @@ def load_embeddings(path: Path, tokens: list[str] | None = None) -> tuple[list[s
         tokens = json.loads(meta["tokens"])
     if any(k in tensors for k in CLIP_KEYS.values()):
         if not tokens:
-            raise ValueError(
+            raise UserError(
                 f"{path}: SDXL embeddings without a token list (metadata 'tokens' or adapter_info.json)"
             )
         found = {c: tensors[k].reshape(len(tokens), -1) for c, k in CLIP_KEYS.items() if k in tensors}
@@ -300,7 +301,7 @@ def load_embeddings(path: Path, tokens: list[str] | None = None) -> tuple[list[s
     order = list(tokens) if tokens else list(tensors)
     missing = [t for t in order if t not in tensors]
     if missing:
-        raise ValueError(f"{path}: no vector for token(s) {missing}")
+        raise UserError(f"{path}: no vector for token(s) {missing}")
     return order, {"text_encoder": torch.stack([tensors[t].reshape(-1) for t in order])}
 
 
@@ -345,7 +346,7 @@ def parse_diffusers_tensors(
     for key, tensor in tensors.items():
         split = _split_key(key)
         if split is None:
-            raise ValueError(f"{where}: unrecognised key {key!r} (not a diffusers LoRA weight)")
+            raise UserError(f"{where}: unrecognised key {key!r} (not a diffusers LoRA weight)")
         component, module, kind = split
         if component in TEXT_COMPONENTS and module.split(".")[0] in (
             "encoder",
@@ -357,7 +358,7 @@ def parse_diffusers_tensors(
     components: dict[str, dict[str, ModuleLora]] = {}
     for (component, module), got in parts.items():
         if "down" not in got or "up" not in got:
-            raise ValueError(
+            raise UserError(
                 f"{where}: {component}.{module} has {sorted(got)} but needs both down and up weights"
             )
         r = int(got["down"].shape[0])
@@ -398,13 +399,13 @@ def read_diffusers(path: str | Path) -> ImageLora:
         try:
             metadata = json.loads(raw) if raw else None
         except json.JSONDecodeError as e:
-            raise ValueError(f"{weights}: unreadable {METADATA_KEY}: {e}") from e
+            raise UserError(f"{weights}: unreadable {METADATA_KEY}: {e}") from e
         lora.components = parse_diffusers_tensors(tensors, metadata, str(weights))
     embeds = directory / EMBEDS_NAME
     if embeds.is_file():
         lora.tokens, lora.embeddings = load_embeddings(embeds, info.get("tokens"))
     if not lora.components and not lora.tokens:
-        raise FileNotFoundError(f"{path}: no {WEIGHTS_NAME} or {EMBEDS_NAME}")
+        raise NotFound(f"{path}: no {WEIGHTS_NAME} or {EMBEDS_NAME}")
     return lora
 
 
@@ -415,7 +416,7 @@ def _read_info(directory: Path) -> dict:
     try:
         return json.loads(info_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{info_path} is not valid JSON: {e}") from e
+        raise UserError(f"{info_path} is not valid JSON: {e}") from e
 
 
 # -- any image adapter file -------------------------------------------------------------------------
@@ -435,19 +436,19 @@ def detect_format(path: str | Path) -> str:
         if not candidates and (path / EMBEDS_NAME).is_file():
             return "diffusers"  # learned tokens only
         if (path / "adapter_config.json").is_file():
-            raise ValueError(
+            raise UserError(
                 f"{path} is a PEFT adapter for a single model; image adapters need diffusers, kohya or cloneofsimo files"
             )
-        raise FileNotFoundError(f"{path}: no image adapter file ({WEIGHTS_NAME} or one .safetensors)")
+        raise NotFound(f"{path}: no image adapter file ({WEIGHTS_NAME} or one .safetensors)")
     if not path.is_file():
-        raise FileNotFoundError(f"adapter not found: {path}")
+        raise NotFound(f"adapter not found: {path}")
     if path.suffix != ".safetensors":
-        raise ValueError(f"{path}: image adapters are read from .safetensors files")
+        raise UserError(f"{path}: image adapters are read from .safetensors files")
     try:
         with safe_open(str(path), framework="pt") as f:
             keys = list(f.keys())
     except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
+        raise UserError(f"{path} is not a readable safetensors file: {e}") from e
     if keys and all(re.match(r"^(lora_unet_|lora_te\d?_|bundle_emb\.)", k) for k in keys):
         return "kohya"
     if any(re.match(r"^[A-Za-z_]\w*:\d+:(up|down)$", k) for k in keys):
@@ -465,7 +466,7 @@ def read_image_lora(path: str | Path, components: dict | None = None) -> ImageLo
     if path.is_dir():
         path = next(p for p in sorted(path.glob("*.safetensors")) if p.name != EMBEDS_NAME)
     if components is None:
-        raise ValueError(f"{path}: reading a {fmt} file needs the pipeline's models to map its module names")
+        raise UserError(f"{path}: reading a {fmt} file needs the pipeline's models to map its module names")
     if fmt == "kohya":
         from loraforge.formats.kohya import read_kohya
 

@@ -11,6 +11,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from loraforge.errors import NotFound, UserError
+
 
 def atomic_write(path: str | Path, write) -> None:
     """Calls `write(tmp_path)` then renames the temp file onto `path`, so a crash never leaves half a file."""
@@ -45,23 +47,23 @@ def load_tensors(path: str | Path, allow_pickle: bool = False) -> dict[str, torc
     """Loads a whole tensor file into memory (nothing is applied anywhere until this succeeds)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
+        raise NotFound(f"no such file: {path}")
     if path.suffix == ".safetensors":
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
-            raise ValueError(f"{path} is not a readable safetensors file (corrupt or truncated?): {e}") from e
+            raise UserError(f"{path} is not a readable safetensors file (corrupt or truncated?): {e}") from e
     if path.suffix in (".bin", ".pt", ".pth", ".ckpt"):
         if not allow_pickle:
-            raise ValueError(
+            raise UserError(
                 f"{path} is a pickle file, which can run arbitrary code when loaded; loraforge reads safetensors. "
                 "Pass allow_pickle=True (CLI: --allow-pickle) if you trust it; it is then read with weights_only=True."
             )
         try:
             data = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise ValueError(f"{path} could not be read as a weights-only torch file: {e}") from e
+            raise UserError(f"{path} could not be read as a weights-only torch file: {e}") from e
         if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-            raise ValueError(f"{path} does not hold a flat dict of tensors")
+            raise UserError(f"{path} does not hold a flat dict of tensors")
         return data
-    raise ValueError(f"{path}: unknown weight file type {path.suffix!r} (expected .safetensors)")
+    raise UserError(f"{path}: unknown weight file type {path.suffix!r} (expected .safetensors)")

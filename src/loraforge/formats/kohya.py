@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from loraforge.errors import UserError
 from loraforge.formats.diffusers import ImageLora, ModuleLora, canonical_name
 from loraforge.formats.io import load_tensors, save_tensors
 
@@ -54,7 +55,7 @@ def save_kohya(path: str | Path, lora: ImageLora, metadata: dict[str, str] | Non
             ranks.add(m.rank)
             alphas.add(m.alpha)
     if not tensors:
-        raise ValueError("nothing to write: the adapter has no LoRA modules (only learned tokens?)")
+        raise UserError("nothing to write: the adapter has no LoRA modules (only learned tokens?)")
     meta = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(max(ranks)),
@@ -181,7 +182,7 @@ def read_kohya(path: str | Path, components: dict[str, nn.Module]) -> ImageLora:
     tensors = load_tensors(path)
     unsupported = sorted({k for k in tensors if any(s in k for s in _UNSUPPORTED)})
     if unsupported:
-        raise ValueError(
+        raise UserError(
             f"{path}: LyCORIS/DoRA weights ({unsupported[0]}, ...) are not plain LoRA; loraforge reads LoRA only"
         )
     mapping = key_map(components)
@@ -197,22 +198,22 @@ def read_kohya(path: str | Path, components: dict[str, nn.Module]) -> ImageLora:
         groups.setdefault(base, {})[suffix] = tensor
     unknown = sorted(base for base in groups if base not in mapping)
     if unknown:
-        raise ValueError(
+        raise UserError(
             f"{path} does not fit this pipeline: no module for {unknown[0]!r}"
             + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
             + "; is it for another base model?"
         )
     for base, parts in groups.items():
         if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
-            raise ValueError(f"{path}: {base} lacks lora_down.weight or lora_up.weight (has {sorted(parts)})")
+            raise UserError(f"{path}: {base} lacks lora_down.weight or lora_up.weight (has {sorted(parts)})")
         extra = set(parts) - {"lora_down.weight", "lora_up.weight", "alpha"}
         if extra:
-            raise ValueError(f"{path}: {base} has keys loraforge does not read: {sorted(extra)}")
+            raise UserError(f"{path}: {base} has keys loraforge does not read: {sorted(extra)}")
         component, module = mapping[base]
         down, up = parts["lora_down.weight"], parts["lora_up.weight"]
         alpha = float(parts["alpha"]) if "alpha" in parts else float(down.shape[0])
         if module in lora.components.get(component, {}):
-            raise ValueError(f"{path}: {component}.{module} appears twice (under two spellings)")
+            raise UserError(f"{path}: {component}.{module} appears twice (under two spellings)")
         lora.components.setdefault(component, {})[module] = ModuleLora(down, up, alpha)
     if bundle:
         lora.tokens = list(bundle)
@@ -221,7 +222,7 @@ def read_kohya(path: str | Path, components: dict[str, nn.Module]) -> ImageLora:
             for kind, tensor in kinds.items():
                 component = {"clip_l": "text_encoder", "clip_g": "text_encoder_2"}.get(kind, "text_encoder")
                 if tensor.dim() > 1 and tensor.shape[0] != 1:
-                    raise ValueError(
+                    raise UserError(
                         f"{path}: bundled embedding {token!r} has {tensor.shape[0]} vectors; one per token is supported"
                     )
                 rows.setdefault(component, []).append(tensor.reshape(-1))

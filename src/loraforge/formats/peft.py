@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from loraforge.config import CONFIG_NAME, LoraConfig
+from loraforge.errors import NotFound, UserError
 from loraforge.formats.io import load_tensors, save_json, save_tensors
 from loraforge.layers import LoraEmbedding, LoraLayer, TrainableCopy
 
@@ -65,7 +66,7 @@ def read_adapter(
 ) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
     directory = Path(directory)
     if not directory.is_dir():
-        raise FileNotFoundError(f"adapter directory not found: {directory}")
+        raise NotFound(f"adapter directory not found: {directory}")
     config = LoraConfig.from_pretrained(directory)
     weights = directory / WEIGHTS_NAME
     if not weights.exists() and (directory / PICKLE_WEIGHTS_NAME).exists():
@@ -81,22 +82,22 @@ def load_adapter(model, directory: str | Path, adapter_name: str, allow_pickle: 
     and a failure while applying rolls the new adapter back."""
     config, tensors = read_adapter(directory, allow_pickle=allow_pickle)
     if adapter_name in model.peft_config:
-        raise ValueError(f"an adapter named {adapter_name!r} already exists; pick another name or delete it")
+        raise UserError(f"an adapter named {adapter_name!r} already exists; pick another name or delete it")
     expected = _expected_shapes(model, config)
     for key, tensor in tensors.items():
         if key not in expected:
-            raise ValueError(
+            raise UserError(
                 f"adapter in {directory} does not fit this model: {key!r} has no matching module "
                 f"(is it for a different base model? recorded base: {config.base_model_name_or_path})"
             )
         if tuple(tensor.shape) != expected[key]:
-            raise ValueError(
+            raise UserError(
                 f"adapter in {directory} does not fit this model: {key!r} has shape {tuple(tensor.shape)} "
                 f"in the file but the model needs {expected[key]}"
             )
     missing = [k for k in expected if k not in tensors and ("lora_" in k)]
     if missing:
-        raise ValueError(
+        raise UserError(
             f"adapter in {directory} lacks weights for {missing[0]!r} (and {len(missing) - 1} more)"
         )
     model.add_adapter(adapter_name, config)

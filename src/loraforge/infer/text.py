@@ -11,13 +11,12 @@ streams to stdout token by token; the same `--seed` and options give the same te
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 import torch
 
-from loraforge.cli import CliError, parse_adapter_spec
+from loraforge.errors import UserError
+from loraforge.runtime import load_text
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,53 +58,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trust-remote-code", action="store_true")
 
 
-def default_base(adapter_specs: list[str]) -> str:
-    """The base recorded in the first adapter's config, when it names something loadable; else tiny-llama."""
-    from loraforge.bases import DEFAULT_TEXT_BASE, EMBEDDED_BASES
-
-    for spec in adapter_specs[:1]:
-        path, _ = parse_adapter_spec(spec)
-        try:
-            recorded = json.loads((Path(path) / "adapter_config.json").read_text()).get(
-                "base_model_name_or_path"
-            )
-        except (OSError, ValueError):
-            recorded = None
-        if recorded and (recorded in EMBEDDED_BASES or Path(recorded).is_dir()):
-            return recorded
-    return DEFAULT_TEXT_BASE
-
-
-def load_with_adapters(
-    base: str, adapter_specs: list[str], dtype: str = "float32", trust_remote_code: bool = False
-):
-    """(LoraModel or plain model, tokenizer, [(name, path, weight)]) with the adapters active at their weights."""
-    from loraforge import LoraModel
-    from loraforge.train.text import load_base
-
-    model, tokenizer = load_base(base, dtype, trust_remote_code)
-    model.eval()
-    loaded = []
-    if not adapter_specs:
-        return model, tokenizer, loaded
-    lora = LoraModel(model)
-    for i, spec in enumerate(adapter_specs):
-        path, weight = parse_adapter_spec(spec)
-        name = f"adapter{i}"
-        lora.load_adapter(path, adapter_name=name)
-        loaded.append((name, path, weight))
-    lora.set_adapters([n for n, _, _ in loaded], [w for _, _, w in loaded])
-    lora.eval()
-    return lora, tokenizer, loaded
-
-
 def generation_kwargs(args, tokenizer) -> dict:
     kwargs = dict(max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
     if args.greedy:
         kwargs.update(do_sample=False)
     else:
         if args.temperature <= 0:
-            raise CliError("--temperature must be > 0 (use --greedy for deterministic decoding)")
+            raise UserError("--temperature must be > 0 (use --greedy for deterministic decoding)")
         kwargs.update(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
     return kwargs
 
@@ -113,7 +72,7 @@ def generation_kwargs(args, tokenizer) -> dict:
 def encode_prompt(prompt: str, tokenizer, chat: bool) -> list[int]:
     if chat:
         if not getattr(tokenizer, "chat_template", None):
-            raise CliError("--chat: this tokenizer has no chat template")
+            raise UserError("--chat: this tokenizer has no chat template")
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
         )
@@ -125,14 +84,13 @@ def run(args: argparse.Namespace) -> int:
     from transformers import TextStreamer
 
     if not args.prompt:
-        raise CliError("give at least one --prompt")
+        raise UserError("give at least one --prompt")
     if args.max_new_tokens <= 0:
-        raise CliError("--max-new-tokens must be > 0")
-    base = args.base or default_base(args.adapter)
-    model, tokenizer, loaded = load_with_adapters(base, args.adapter, args.dtype, args.trust_remote_code)
-    mix = ", ".join(f"{p} x{w:g}" for _, p, w in loaded) or "none"
+        raise UserError("--max-new-tokens must be > 0")
+    rt = load_text(args.base, args.adapter, args.dtype, args.trust_remote_code)
+    model, tokenizer = rt.model, rt.tokenizer
     print(
-        f"base: {base}; adapters: {mix}; " + ("greedy" if args.greedy else f"sampling (seed {args.seed})"),
+        f"{rt.describe()}; " + ("greedy" if args.greedy else f"sampling (seed {args.seed})"),
         file=sys.stderr,
     )
     kwargs = generation_kwargs(args, tokenizer)

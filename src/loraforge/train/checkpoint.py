@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from loraforge.errors import NotFound
+
 CHECKPOINTS_DIR = "checkpoints"
 STATE_NAME = "trainer_state.pt"
 INFO_NAME = "state.json"
@@ -64,11 +66,11 @@ def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
     if resume == "latest":
         latest = find_latest(output_dir)
         if latest is None:
-            raise FileNotFoundError(f"--resume latest: no checkpoint under {checkpoints_dir(output_dir)}")
+            raise NotFound(f"--resume latest: no checkpoint under {checkpoints_dir(output_dir)}")
         return latest
     path = Path(resume)
     if not (path / STATE_NAME).is_file():
-        raise FileNotFoundError(f"--resume {resume}: not a checkpoint directory (no {STATE_NAME})")
+        raise NotFound(f"--resume {resume}: not a checkpoint directory (no {STATE_NAME})")
     return path
 
 

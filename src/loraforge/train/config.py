@@ -34,6 +34,8 @@ from typing import Any, Literal
 
 import yaml
 
+from loraforge.errors import NotFound, UserError
+
 
 @dataclass
 class TrainConfig:
@@ -278,7 +280,7 @@ def field_docs(cls) -> dict[str, str]:
 
 
 def _bad(name: str, value: Any, why: str):
-    raise ValueError(f"config key {name!r}: {why} (got {value!r})")
+    raise UserError(f"config key {name!r}: {why} (got {value!r})")
 
 
 def _describe(tp) -> str:
@@ -371,7 +373,7 @@ def _check_keys(cls, data: dict, source: str):
         if key not in known:
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(known)}"
-            raise ValueError(f"unknown config key {key!r} in {source}{hint}")
+            raise UserError(f"unknown config key {key!r} in {source}{hint}")
 
 
 def load_config(cls, yaml_path: str | Path | None = None, overrides: dict[str, Any] | None = None):
@@ -385,21 +387,21 @@ def load_config(cls, yaml_path: str | Path | None = None, overrides: dict[str, A
     if yaml_path:
         path = Path(yaml_path)
         if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
+            raise NotFound(f"config file not found: {path}")
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8"))
         except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path} is not valid YAML: {e}") from e
+            raise UserError(f"{path} is not valid YAML: {e}") from e
         if data is None:
             data = {}
         if not isinstance(data, dict):
-            raise ValueError(f"{path} must hold a mapping of config keys, not {type(data).__name__}")
+            raise UserError(f"{path} must hold a mapping of config keys, not {type(data).__name__}")
         _check_keys(cls, data, str(path))
         for key, value in data.items():
             try:
                 values[key] = _coerce(value, hints[key], from_text=False)
             except _Mismatch:
-                raise ValueError(
+                raise UserError(
                     f"config key {key!r} in {path}: expected {_describe(hints[key])}, got {value!r}"
                 ) from None
     for key, value in (overrides or {}).items():
@@ -407,7 +409,7 @@ def load_config(cls, yaml_path: str | Path | None = None, overrides: dict[str, A
         try:
             values[key] = _coerce(value, hints[key], from_text=isinstance(value, str))
         except _Mismatch:
-            raise ValueError(f"config key {key!r}: expected {_describe(hints[key])}, got {value!r}") from None
+            raise UserError(f"config key {key!r}: expected {_describe(hints[key])}, got {value!r}") from None
     config = cls(**values)
     config.validate()
     return config

@@ -48,6 +48,7 @@ from loraforge.data.images import (
     resize_and_crop,
     scan_images,
 )
+from loraforge.errors import UserError
 from loraforge.train.config import TrainConfig, add_config_arguments, config_from_args, save_config
 
 EXAMPLE_DATA = Path(__file__).resolve().parent.parent / "examples" / "style"
@@ -194,28 +195,28 @@ class ImageTrainConfig(TrainConfig):
     def validate(self) -> None:
         super().validate()
         if self.resolution < 0:
-            raise ValueError(f"config key 'resolution': must be >= 0 (got {self.resolution})")
+            raise UserError(f"config key 'resolution': must be >= 0 (got {self.resolution})")
         if self.min_image_size < 0:
-            raise ValueError(f"config key 'min_image_size': must be >= 0 (got {self.min_image_size})")
+            raise UserError(f"config key 'min_image_size': must be >= 0 (got {self.min_image_size})")
         for name in ("snr_gamma", "noise_offset", "token_learning_rate", "text_encoder_learning_rate"):
             if getattr(self, name) < 0 or not math.isfinite(getattr(self, name)):
-                raise ValueError(f"config key {name!r}: must be a number >= 0 (got {getattr(self, name)})")
+                raise UserError(f"config key {name!r}: must be a number >= 0 (got {getattr(self, name)})")
         if self.validation_steps <= 0:
-            raise ValueError(f"config key 'validation_steps': must be > 0 (got {self.validation_steps})")
+            raise UserError(f"config key 'validation_steps': must be > 0 (got {self.validation_steps})")
         if len(set(self.placeholder_tokens)) != len(self.placeholder_tokens):
-            raise ValueError(
+            raise UserError(
                 f"config key 'placeholder_tokens': tokens must differ (got {self.placeholder_tokens})"
             )
         for token in self.placeholder_tokens:
             if not token or any(c.isspace() for c in token):
-                raise ValueError(
+                raise UserError(
                     f"config key 'placeholder_tokens': {token!r} must be non-empty and without spaces"
                 )
         PromptBuilder(
             self.placeholder_tokens, self.caption_template, self.instance_prompt
         )  # checks templates
         if not self.base:
-            raise ValueError("config key 'base': must not be empty")
+            raise UserError("config key 'base': must not be empty")
 
 
 # -- the modules that train ----------------------------------------------------------------------------
@@ -318,8 +319,8 @@ class ImageTask:
         from diffusers import DDPMScheduler
 
         from loraforge.config import LoraConfig
-        from loraforge.infer.image import load_pipeline, native_size, size_step, text_models
         from loraforge.model import LoraModel
+        from loraforge.runtime import load_pipeline, native_size, size_step, text_models
 
         c = self.config
         self.device = accelerator.device if accelerator is not None else torch.device("cpu")
@@ -329,7 +330,7 @@ class ImageTask:
         self.step = size_step(pipe)
         self.resolution = c.resolution or min(native_size(pipe))
         if self.resolution % self.step:
-            raise ValueError(
+            raise UserError(
                 f"resolution {self.resolution} must be a multiple of {self.step} for this pipeline"
             )
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -337,7 +338,7 @@ class ImageTask:
             self.noise_scheduler.config.prediction_type if c.prediction_type == "auto" else c.prediction_type
         )
         if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise ValueError(
+            raise UserError(
                 f"prediction type {self.prediction_type!r} is not supported (epsilon or v_prediction)"
             )
         self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device)
@@ -411,7 +412,7 @@ class ImageTask:
             if id(tokenizer) not in extended:
                 clash = [t for t in self.tokens if t in tokenizer.get_vocab()]
                 if clash:
-                    raise ValueError(
+                    raise UserError(
                         f"placeholder token {clash[0]!r} is already a token of this tokenizer; pick another"
                     )
                 tokenizer.add_tokens(self.tokens)
@@ -421,7 +422,7 @@ class ImageTask:
             if ids != list(range(first, first + len(self.tokens))) or first + len(self.tokens) != len(
                 tokenizer
             ):
-                raise ValueError(
+                raise UserError(
                     f"the tokenizer gave the new tokens ids {ids}; expected the last consecutive ids"
                 )
             encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
@@ -430,7 +431,7 @@ class ImageTask:
             if c.token_init:
                 init_ids = tokenizer(c.token_init, add_special_tokens=False).input_ids
                 if not init_ids:
-                    raise ValueError(f"token_init {c.token_init!r} tokenizes to nothing")
+                    raise UserError(f"token_init {c.token_init!r} tokenizes to nothing")
                 init = weight[init_ids].float().mean(0, keepdim=True).repeat(len(self.tokens), 1)
             else:
                 std = weight[:first].float().std()
@@ -684,7 +685,7 @@ class ImageTask:
         return seen[:4]
 
     def sample(self, step: int, out_dir: Path) -> None:
-        from loraforge.infer.image import GenerationSettings, generate
+        from loraforge.runtime import GenerationSettings, render
 
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -699,7 +700,7 @@ class ImageTask:
                 width=self.resolution,
                 height=self.resolution,
             )
-            images += generate(self.pipe, settings, 1)
+            images += render(self.pipe, settings, 1)
         path = out_dir / f"step-{step:06d}.png"
         image_grid(images).save(path)
         (out_dir / f"step-{step:06d}.txt").write_text("\n".join(prompts) + "\n", encoding="utf-8")
@@ -765,7 +766,7 @@ class ImageTask:
     def load_extra_state(self, state: dict) -> None:
         tokens = state.get("tokens")
         if tokens is not None and list(tokens) != self.tokens:
-            raise ValueError(f"the checkpoint learned tokens {tokens}, this run has {self.tokens}")
+            raise UserError(f"the checkpoint learned tokens {tokens}, this run has {self.tokens}")
 
 
 def prompt_builder(config: ImageTrainConfig) -> PromptBuilder:

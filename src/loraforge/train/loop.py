@@ -51,7 +51,7 @@ from typing import Any, Protocol
 
 import torch
 
-from loraforge.cli import CliError
+from loraforge.errors import UserError
 from loraforge.train.checkpoint import (
     capture_rng_state,
     find_latest,
@@ -91,7 +91,7 @@ class Task(Protocol):  # documentation and type hints only; see the module docst
     def load_extra_state(self, state: dict) -> None: ...
 
 
-class LossNotFinite(CliError):
+class LossNotFinite(UserError):
     """The loss (or gradient) became NaN or infinite; the weights were not updated."""
 
 
@@ -130,7 +130,7 @@ def train(task, config: TrainConfig) -> TrainResult:
     from accelerate.utils import gather_object, set_seed
 
     if config.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise CliError("mixed_precision fp16 needs a GPU; use bf16 or no on CPU")
+        raise UserError("mixed_precision fp16 needs a GPU; use bf16 or no on CPU")
     threads = choose_threads(config.threads)
     if threads != torch.get_num_threads():
         torch.set_num_threads(threads)
@@ -164,13 +164,13 @@ def train(task, config: TrainConfig) -> TrainResult:
     groups = [g for g in groups if g["params"]]
     params = [p for g in groups for p in g["params"]]
     if not params:
-        raise CliError("the task has no trainable parameters")
+        raise UserError("the task has no trainable parameters")
     optimizer = _adamw(groups, config)
 
     group = config.grad_accum * world  # micro-batches per optimizer step, over all processes
     num_batches = task.num_batches()
     if num_batches <= 0:
-        raise CliError("the training data yields no batches")
+        raise UserError("the training data yields no batches")
     total_steps = config.max_steps or max(1, int(config.epochs * num_batches / group))
     # The schedule is ours (not accelerate's, which steps once per process): one step per update.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config, total_steps))
@@ -186,7 +186,7 @@ def train(task, config: TrainConfig) -> TrainResult:
         with torch.no_grad():
             for name, value in state["trainable"].items():
                 if name not in named:
-                    raise CliError(f"checkpoint {resume_from} does not fit this model: no parameter {name}")
+                    raise UserError(f"checkpoint {resume_from} does not fit this model: no parameter {name}")
                 named[name].copy_(value)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -295,7 +295,7 @@ def train(task, config: TrainConfig) -> TrainResult:
                         loss, n = task.loss(batch)
                     n = int(n)
                     if n <= 0:
-                        raise CliError("task.loss returned a batch with no loss items (n = 0)")
+                        raise UserError("task.loss returned a batch with no loss items (n = 0)")
                     # Backward the *sum* over items; dividing by the step's total below makes the
                     # update the exact mean over every token of the step, whatever the batch sizes.
                     accelerator.backward(loss * n)
@@ -523,7 +523,7 @@ def enable_activation_checkpointing(model) -> None:
     elif hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     else:
-        raise CliError("gradient_checkpointing: this model does not support it")
+        raise UserError("gradient_checkpointing: this model does not support it")
 
 
 def _install_interrupt_handlers(flag: dict):

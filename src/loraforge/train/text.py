@@ -24,9 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loraforge.cli import CliError
 from loraforge.data.text import IGNORE, DataError, Scan, TextDataset, prompt_and_reference, scan_text_file
+from loraforge.errors import UserError
 from loraforge.kernels import checkpointing
+from loraforge.runtime import load_text_model
 from loraforge.train.config import (
     TextTrainConfig,
     add_config_arguments,
@@ -39,49 +40,6 @@ EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples" / "text"
 EXAMPLE_TRAIN = EXAMPLES_DIR / "train.jsonl"
 EXAMPLE_HELDOUT = EXAMPLES_DIR / "heldout.jsonl"
 CONFIG_NAME = "train_config.yaml"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-# -- base model ------------------------------------------------------------------------------------
-
-
-def load_tokenizer(base: str, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
-
-    from loraforge.bases import resolve_base
-
-    path = resolve_base(base)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise CliError(f"cannot load the tokenizer of base {base!r}: {_first_line(e)}") from e
-    return tokenizer
-
-
-def load_base(base: str, dtype: str = "float32", trust_remote_code: bool = False):
-    """(model, tokenizer) for an embedded base name, a local transformers directory or a hub id."""
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    from loraforge.bases import resolve_base
-
-    hf_logging.disable_progress_bar()  # a per-tensor "Loading weights" bar is noise for small models
-    tokenizer = load_tokenizer(base, trust_remote_code)
-    path = resolve_base(base)
-    kwargs = {"trust_remote_code": trust_remote_code}
-    kwargs["dtype"] = "auto" if dtype == "auto" else DTYPES[dtype]
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as e:
-        raise CliError(f"cannot load base model {base!r}: {_first_line(e)}") from e
-    if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token  # padding is masked out; any id will do
-    return model, tokenizer
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def default_target_modules(model) -> list[str] | str:
@@ -270,7 +228,7 @@ class TextTask:
         say(self.train_scan.report())
         if self.eval_scan is not None:
             say(self.eval_scan.report())
-        model, self.tokenizer = load_base(c.base, c.dtype, c.trust_remote_code)
+        model, self.tokenizer = load_text_model(c.base, c.dtype, c.trust_remote_code)
         model.config.use_cache = False
         model.to(accelerator.device)
         lora_config = LoraConfig(
@@ -394,7 +352,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         task = TextTask(config)
     except DataError as e:
-        raise CliError(str(e)) from e
+        raise UserError(str(e)) from e
     state = PartialState(cpu=not torch.cuda.is_available())
     out = Path(config.output_dir)
     if state.is_main_process:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import re
 
+from loraforge.errors import UserError
+
 EXPECTED_KEYS = ("who", "did", "where")
 STOP_STRINGS = ("</s>", "<|endoftext|>", "<|end|>", "<|im_end|>", "<|eot_id|>", "\n")
 _WORDS = re.compile(r"[A-Za-z]+(?: [A-Za-z]+)*")
@@ -42,7 +44,7 @@ def parse_object(text: str) -> dict | None:
 def _expected(reference: str) -> dict:
     want = parse_object(cut_generation(reference))
     if want is None:
-        raise ValueError(f"reference is not a JSON object: {reference!r}")
+        raise UserError(f"reference is not a JSON object: {reference!r}")
     return want
 
 

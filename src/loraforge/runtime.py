@@ -1,0 +1,504 @@
+"""A base model with adapters on it: the one seam every command, job and server goes through.
+
+    rt = load_text(adapters=["runs/text/adapter:0.8", "other/:0.3"])   # base recorded in the adapter
+    rt.model.generate(...)                                             # a LoraModel, adapters active
+    rt = load_image(base="tiny-sd", adapters=["style.safetensors:0.7"])
+    rt.pipe(prompt=...)                                                # a diffusers pipeline
+
+What it decides, once for everything built on it:
+
+* **Adapter specs** are ``SOURCE[:WEIGHT]``: a directory or ``.safetensors`` file, weight 1 if left
+  out. Only a trailing ``:number`` is a weight, so paths with colons keep working. `AdapterSpec`
+  keeps the source as written, so other kinds of source (a store id) can be resolved here later.
+* **Adapter names**: the k-th adapter given is ``adapter{k}``, for text and images alike.
+* **Which base**: the one named; else the one the first adapter records (PEFT's
+  ``base_model_name_or_path``, an image adapter's ``adapter_info.json``), whatever it is (an embedded
+  name, a directory or a hub id: a hub id is loaded from the cache or downloaded, never swapped
+  for another model); else the embedded default for the kind.
+* **Loading errors** (a missing base, a tokenizer that cannot load, an adapter for another model)
+  are `UserError`s naming what failed, raised before anything is changed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from loraforge.bases import DEFAULT_IMAGE_BASE, DEFAULT_TEXT_BASE, EMBEDDED_BASES, resolve_base
+from loraforge.config import CONFIG_NAME
+from loraforge.errors import NotFound, UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# -- adapter specs ---------------------------------------------------------------------------------
+
+
+class AdapterSpec(NamedTuple):
+    """One adapter to put on a base: where it is (`source`, as the user wrote it) and its weight."""
+
+    source: str
+    weight: float = 1.0
+
+    @property
+    def path(self) -> Path:
+        return Path(self.source)
+
+    def __str__(self) -> str:
+        return f"{self.source}:{self.weight:g}"
+
+
+def parse_adapter_spec(spec: str | AdapterSpec | tuple) -> AdapterSpec:
+    """``SOURCE[:WEIGHT]`` -> AdapterSpec. A Windows drive letter or a path with colons keeps working
+    because only a trailing ``:number`` is taken as the weight."""
+    if isinstance(spec, AdapterSpec):
+        return spec
+    if isinstance(spec, tuple):
+        source, weight = spec
+        return AdapterSpec(str(source), float(weight))
+    spec = str(spec)
+    source, sep, weight = spec.rpartition(":")
+    if sep and source:
+        try:
+            return AdapterSpec(source, float(weight))
+        except ValueError:
+            # `adapter:x` where `adapter` exists and `adapter:x` does not: a mistyped weight, not a path.
+            if os.path.exists(source) and not os.path.exists(spec):
+                raise UserError(
+                    f"adapter {spec!r}: the weight after ':' must be a number, got {weight!r}"
+                ) from None
+    return AdapterSpec(spec, 1.0)
+
+
+def parse_adapter_specs(specs) -> list[AdapterSpec]:
+    """Parses every spec and checks that each adapter exists, before any model is loaded."""
+    out = [parse_adapter_spec(s) for s in specs or []]
+    for spec in out:
+        locate_adapter(spec)
+    return out
+
+
+def locate_adapter(spec: AdapterSpec) -> Path:
+    """The local path of an adapter (a directory or a weights file); NotFound if there is none."""
+    path = spec.path
+    if not path.exists():
+        raise NotFound(f"adapter not found: {spec.source} (not an adapter directory or file)")
+    return path
+
+
+def adapter_name(index: int) -> str:
+    """The name the `index`-th adapter of a command gets in the model."""
+    return f"adapter{index}"
+
+
+def recorded_base(path: str | Path) -> str | None:
+    """The base model an adapter says it was trained on, or None."""
+    from loraforge.formats.diffusers import INFO_NAME
+
+    path = Path(path)
+    directory = path if path.is_dir() else path.parent
+    for name, key in ((CONFIG_NAME, "base_model_name_or_path"), (INFO_NAME, "base")):
+        file = directory / name
+        if file.is_file():
+            try:
+                value = json.loads(file.read_text(encoding="utf-8")).get(key)
+            except (OSError, ValueError, AttributeError):
+                continue
+            if value:
+                return str(value)
+    return None
+
+
+def choose_base(base: str | None, adapters: list[AdapterSpec], default: str) -> str:
+    """The base to load, as a name: given, else recorded by the first adapter that records one, else `default`."""
+    if base:
+        return base
+    for spec in adapters:
+        recorded = recorded_base(locate_adapter(spec))
+        if recorded:
+            return recorded
+    return default
+
+
+def describe_base(name: str) -> str:
+    """How to show a base to a user: an embedded name stays a name (not the package's directory)."""
+    return f"{name} (embedded)" if name in EMBEDDED_BASES else name
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+# -- text models -----------------------------------------------------------------------------------
+
+
+def load_tokenizer(base: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    path = resolve_base(base)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise NotFound(f"cannot load the tokenizer of base {base!r}: {_first_line(e)}") from e
+    if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked out; any id will do
+    return tokenizer
+
+
+def load_text_model(
+    base: str, dtype: str = "float32", trust_remote_code: bool = False, require_tokenizer: bool = True
+):
+    """(model, tokenizer) for an embedded base name, a local transformers directory or a hub id.
+    Without `require_tokenizer`, a base with no loadable tokenizer gives tokenizer None."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    if dtype != "auto" and dtype not in DTYPES:
+        raise UserError(f"dtype {dtype!r}: choose from {', '.join(DTYPES)} or auto")
+    hf_logging.disable_progress_bar()  # a per-tensor "Loading weights" bar is noise for small models
+    try:
+        tokenizer = load_tokenizer(base, trust_remote_code)
+    except NotFound:
+        if require_tokenizer:
+            raise
+        tokenizer = None
+    path = resolve_base(base)
+    kwargs = {"trust_remote_code": trust_remote_code, "dtype": "auto" if dtype == "auto" else DTYPES[dtype]}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise NotFound(f"cannot load base model {base!r}: {_first_line(e)}") from e
+    return model, tokenizer
+
+
+@dataclass
+class TextRuntime:
+    """A causal LM with adapters on it. `model` is a LoraModel (the bare base when no adapter is given)."""
+
+    model: object
+    tokenizer: object
+    base: str  # as named (embedded name, directory or hub id)
+    adapters: list[tuple[str, AdapterSpec]] = field(default_factory=list)  # (name in the model, spec)
+
+    def describe(self) -> str:
+        mix = ", ".join(str(s) for _, s in self.adapters) or "none"
+        return f"base: {describe_base(self.base)}; adapters: {mix}"
+
+
+def _refuse_image_adapter(spec: AdapterSpec, path: Path) -> None:
+    from loraforge.formats.diffusers import WEIGHTS_NAME
+
+    if (path / CONFIG_NAME).is_file():
+        return
+    image = path.is_file() or (path / WEIGHTS_NAME).is_file() or any(path.glob("*.safetensors"))
+    if image:
+        raise UserError(
+            f"{spec.source} is not a PEFT adapter for a language model (no {CONFIG_NAME}); "
+            "image adapters go to generate-image"
+        )
+    raise NotFound(f"{spec.source} is not an adapter directory (no {CONFIG_NAME})")
+
+
+def load_text(
+    base: str | None = None,
+    adapters=(),
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    device: str | torch.device | None = None,
+    require_tokenizer: bool = True,
+) -> TextRuntime:
+    """Loads a causal LM and puts `adapters` (specs or ``SOURCE[:WEIGHT]`` strings) on it at their weights."""
+    from loraforge.model import LoraModel
+
+    specs = parse_adapter_specs(adapters)
+    for spec in specs:
+        _refuse_image_adapter(spec, locate_adapter(spec))
+    name = choose_base(base, specs, DEFAULT_TEXT_BASE)
+    model, tokenizer = load_text_model(name, dtype, trust_remote_code, require_tokenizer)
+    if device is not None:
+        model.to(device)
+    lora = LoraModel(model)
+    loaded = []
+    for i, spec in enumerate(specs):
+        lora.load_adapter(locate_adapter(spec), adapter_name(i))
+        loaded.append((adapter_name(i), spec))
+    if loaded:
+        lora.set_adapters([n for n, _ in loaded], [s.weight for _, s in loaded])
+    lora.eval()
+    return TextRuntime(lora, tokenizer, name, loaded)
+
+
+# -- image pipelines -------------------------------------------------------------------------------
+
+TINY_UNET_PARAMETERS = 20_000_000
+
+
+def load_pipeline(
+    base: str | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    threads: int = 0,
+):
+    """Any diffusers Stable Diffusion pipeline (SD 1.x/2.x, SDXL, ...) from a local directory, a hub id
+    or an embedded base name. The safety checker is not loaded.
+
+    `threads`: CPU threads for PyTorch. 0: PyTorch's default, except one thread for a tiny pipeline on
+    CPU, whose kernels are too small to split (spare threads only spin, and on a busy machine that
+    makes each step many times slower)."""
+    from diffusers import DiffusionPipeline
+
+    name = base or DEFAULT_IMAGE_BASE
+    where = resolve_base(name)
+    kwargs = {}
+    try:
+        index = DiffusionPipeline.load_config(where)
+    except Exception as e:  # noqa: BLE001 - diffusers raises several kinds for a missing model
+        raise NotFound(f"cannot read a diffusers pipeline from {name!r}: {_first_line(e)}") from e
+    if "safety_checker" in index:
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    with warnings.catch_warnings():
+        # Newer diffusers renamed torch_dtype to dtype; older ones only know torch_dtype.
+        warnings.simplefilter("ignore", FutureWarning)
+        pipe = DiffusionPipeline.from_pretrained(where, torch_dtype=dtype, **kwargs)
+    if getattr(pipe, "unet", None) is None:
+        raise UserError(
+            f"{name} is a {type(pipe).__name__}; loraforge trains and runs UNet Stable Diffusion pipelines"
+        )
+    pipe.set_progress_bar_config(disable=True)
+    if threads:
+        torch.set_num_threads(threads)
+    elif (
+        torch.device(device).type == "cpu"
+        and sum(p.numel() for p in pipe.unet.parameters()) < TINY_UNET_PARAMETERS
+    ):
+        torch.set_num_threads(1)
+    return pipe.to(device)
+
+
+def native_size(pipe) -> tuple[int, int]:
+    """(width, height) the pipeline's UNet was built for."""
+    sample = pipe.unet.config.sample_size
+    factor = getattr(pipe, "vae_scale_factor", 8)
+    h, w = (sample, sample) if isinstance(sample, int) else tuple(sample)
+    return w * factor, h * factor
+
+
+def size_step(pipe) -> int:
+    """Image sizes must be multiples of this (VAE factor x UNet downsampling)."""
+    factor = getattr(pipe, "vae_scale_factor", 8)
+    return factor * 2 ** (len(pipe.unet.config.down_block_types) - 1)
+
+
+def text_models(pipe) -> list[tuple[str, object, object]]:
+    """(component, tokenizer, text encoder) for each text encoder of the pipeline."""
+    from loraforge.formats.diffusers import TEXT_COMPONENTS
+
+    out = []
+    for component in TEXT_COMPONENTS:
+        encoder = getattr(pipe, component, None)
+        if encoder is not None:
+            tokenizer = getattr(pipe, "tokenizer" if component == "text_encoder" else "tokenizer_2")
+            out.append((component, tokenizer, encoder))
+    return out
+
+
+def add_tokens(pipe, tokens: list[str], vectors: dict[str, torch.Tensor]) -> None:
+    """Adds `tokens` to the pipeline's tokenizer(s) (in order) and sets their embedding rows."""
+    for component, tokenizer, encoder in text_models(pipe):
+        if component not in vectors:
+            raise IncompatibleTokens(f"the adapter's learned tokens have no vectors for {component}")
+        rows = vectors[component]
+        embedding = encoder.get_input_embeddings()
+        if rows.shape != (len(tokens), embedding.weight.shape[1]):
+            raise IncompatibleTokens(
+                f"learned token vectors of shape {tuple(rows.shape)} do not fit {component} "
+                f"({len(tokens)} tokens x {embedding.weight.shape[1]})"
+            )
+        new = [t for t in tokens if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)]
+        if new:
+            tokenizer.add_tokens(new)
+        ids = tokenizer.convert_tokens_to_ids(tokens)
+        if max(ids) >= embedding.weight.shape[0]:
+            encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+            embedding = encoder.get_input_embeddings()
+        with torch.no_grad():
+            embedding.weight[ids] = rows.to(embedding.weight.dtype)
+
+
+class IncompatibleTokens(UserError):
+    """Learned token vectors that do not fit the pipeline's text encoders."""
+
+
+@dataclass
+class LoadedAdapter:
+    name: str
+    spec: AdapterSpec
+    lora: object = field(repr=False)  # formats' ImageLora
+
+    @property
+    def path(self) -> str:
+        return self.spec.source
+
+    @property
+    def weight(self) -> float:
+        return self.spec.weight
+
+
+class PipelineAdapters:
+    """loraforge LoRA wrappers on a pipeline's UNet and text encoders, and the adapters loaded on them."""
+
+    def __init__(self, pipe):
+        from loraforge.formats.diffusers import COMPONENTS
+        from loraforge.model import LoraModel
+
+        self.pipe = pipe
+        self.models = {}
+        for component in COMPONENTS:
+            model = getattr(pipe, component, None)
+            if model is not None:
+                self.models[component] = LoraModel(model)
+        self.adapters: list[LoadedAdapter] = []
+
+    def load(self, spec: AdapterSpec | str, name: str | None = None) -> LoadedAdapter:
+        """Reads an image adapter in any supported format and adds it (not yet active). On failure the
+        pipeline is left as it was."""
+        from loraforge.formats.diffusers import apply, read_image_lora
+
+        spec = parse_adapter_spec(spec)
+        path = locate_adapter(spec)
+        name = name or adapter_name(len(self.adapters))
+        lora = read_image_lora(path, {c: m.model for c, m in self.models.items()})
+        missing = [c for c in lora.components if c not in self.models]
+        if missing:
+            raise UserError(f"{spec.source} has weights for {missing[0]}, which this pipeline does not have")
+        if lora.tokens:
+            lacking = [c for c, _, _ in text_models(self.pipe) if c not in lora.embeddings]
+            if lacking:
+                raise UserError(f"{spec.source}: learned tokens have no vectors for {lacking[0]} of this pipeline")
+        done = []
+        try:
+            for component, modules in lora.components.items():
+                apply(self.models[component], name, modules, where=spec.source, component=component)
+                done.append(component)
+        except BaseException:
+            for component in done:
+                self.models[component].delete_adapter(name)
+            raise
+        loaded = LoadedAdapter(name=name, spec=spec, lora=lora)
+        self.adapters.append(loaded)
+        return loaded
+
+    def activate(self) -> None:
+        """Turns the loaded adapters on at their weights and writes their learned token vectors.
+
+        Learned tokens apply at full strength whatever the adapter's weight; two adapters that define
+        the same token get the weight-averaged vector."""
+        for model in self.models.values():
+            names = [a.name for a in self.adapters if a.name in model.peft_config]
+            weights = [a.weight for a in self.adapters if a.name in model.peft_config]
+            model.set_adapters(names, weights)
+            for p in model.parameters():
+                p.requires_grad_(False)
+        tokens: dict[str, list[tuple[float, dict[str, torch.Tensor]]]] = {}
+        for a in self.adapters:
+            for i, token in enumerate(a.lora.tokens):
+                tokens.setdefault(token, []).append(
+                    (a.weight, {c: v[i] for c, v in a.lora.embeddings.items()})
+                )
+        if tokens:
+            order = list(tokens)
+            vectors = {}
+            for component, _, _ in text_models(self.pipe):
+                rows = []
+                for token in order:
+                    total = sum(abs(w) for w, _ in tokens[token])
+                    rows.append(sum(abs(w) / total * v[component].float() for w, v in tokens[token]))
+                vectors[component] = torch.stack(rows)
+            add_tokens(self.pipe, order, vectors)
+
+    def describe(self) -> list[dict]:
+        return [{"path": a.path, "weight": a.weight} for a in self.adapters]
+
+
+@dataclass
+class ImageRuntime:
+    """A diffusers pipeline with adapters on it."""
+
+    pipe: object
+    adapters: PipelineAdapters
+    base: str
+
+    def describe(self) -> str:
+        mix = ", ".join(f"{a.path}:{a.weight:g}" for a in self.adapters.adapters) or "none"
+        return f"base: {describe_base(self.base)}; adapters: {mix}"
+
+
+def apply_adapters(pipe, adapters=()) -> PipelineAdapters:
+    """Loads adapters onto `pipe` and activates them. A weight-0 adapter is not loaded at all (its
+    learned tokens neither), so weight 0 gives exactly the base pipeline's image. The k-th spec
+    keeps the name ``adapter{k}`` whether or not earlier ones were skipped."""
+    on = PipelineAdapters(pipe)
+    for i, spec in enumerate(parse_adapter_specs(adapters)):
+        if spec.weight != 0:
+            on.load(spec, name=adapter_name(i))
+    on.activate()
+    return on
+
+
+def load_image(
+    base: str | None = None,
+    adapters=(),
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    threads: int = 0,
+) -> ImageRuntime:
+    """Loads a Stable Diffusion pipeline and puts `adapters` on it at their weights."""
+    specs = parse_adapter_specs(adapters)
+    name = choose_base(base, specs, DEFAULT_IMAGE_BASE)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = load_pipeline(name, device=device, dtype=dtype, threads=threads)
+    return ImageRuntime(pipe, apply_adapters(pipe, specs), name)
+
+
+# -- running a pipeline ----------------------------------------------------------------------------
+
+
+@dataclass
+class GenerationSettings:
+    prompt: str
+    negative_prompt: str | None = None
+    seed: int = 0
+    steps: int = 25
+    guidance: float = 5.0
+    width: int | None = None
+    height: int | None = None
+    scheduler: str | None = None
+
+
+def render(pipe, settings: GenerationSettings, count: int = 1) -> list:
+    """`count` PIL images; image k uses a CPU generator seeded with ``settings.seed + k``, so the same
+    seed and settings give the same image (bit-identical on CPU)."""
+    width, height = settings.width, settings.height
+    if width is None or height is None:
+        width, height = native_size(pipe)
+    images = []
+    for k in range(count):
+        generator = torch.Generator("cpu").manual_seed(settings.seed + k)
+        with torch.no_grad():
+            result = pipe(
+                prompt=settings.prompt,
+                negative_prompt=settings.negative_prompt,
+                num_inference_steps=settings.steps,
+                guidance_scale=settings.guidance,
+                width=width,
+                height=height,
+                generator=generator,
+            )
+        images.append(result.images[0])
+    return images
