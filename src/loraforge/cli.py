@@ -54,9 +54,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     command = argv[0]
     add_arguments, run = _load(command)
-    command_parser = argparse.ArgumentParser(prog=f"loraforge {command}", description=COMMANDS[command][2])
+    # No abbreviations: `--out` must never be taken as the start of some longer flag.
+    command_parser = argparse.ArgumentParser(
+        prog=f"loraforge {command}", description=COMMANDS[command][2], allow_abbrev=False
+    )
     add_arguments(command_parser)
-    args = command_parser.parse_args(argv[1:])
+    try:
+        args = command_parser.parse_args(dash_spellings(command_parser, argv[1:]))
+    except SystemExit as e:  # --help (0) or a usage error, already printed (2)
+        return e.code if isinstance(e.code, int) else 2
     try:
         return run(args) or 0
     except UserError as e:  # bad input: one line. Anything else is a bug: its traceback, exit status 1.
@@ -65,6 +71,23 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"loraforge {command}: interrupted", file=sys.stderr)
         return 130
+
+
+def dash_spellings(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """Every flag is written with dashes (`--max-new-tokens`); the underscore spelling of any flag
+    (`--max_new_tokens`, `--max_new_tokens=8`) is accepted too, without each command listing both."""
+    known = set(parser._option_string_actions)
+    out = []
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            return out + argv[i:]
+        flag, eq, value = arg.partition("=")
+        if flag.startswith("--") and "_" in flag and flag not in known:
+            dashed = "--" + flag[2:].replace("_", "-")
+            if dashed in known:
+                arg = dashed + eq + value
+        out.append(arg)
+    return out
 
 
 if __name__ == "__main__":

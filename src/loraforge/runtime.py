@@ -380,7 +380,9 @@ class PipelineAdapters:
         if lora.tokens:
             lacking = [c for c, _, _ in text_models(self.pipe) if c not in lora.embeddings]
             if lacking:
-                raise UserError(f"{spec.source}: learned tokens have no vectors for {lacking[0]} of this pipeline")
+                raise UserError(
+                    f"{spec.source}: learned tokens have no vectors for {lacking[0]} of this pipeline"
+                )
         done = []
         try:
             for component, modules in lora.components.items():

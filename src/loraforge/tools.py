@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from loraforge import flags
 from loraforge.bases import EMBEDDED_BASES
 from loraforge.combine import METHODS
 from loraforge.config import CONFIG_NAME
@@ -28,7 +30,7 @@ from loraforge.runtime import adapter_name, describe_base, load_text, parse_adap
 
 
 def bases_arguments(parser):
-    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    flags.add_json(parser, "the list")
 
 
 def bases_run(args) -> int:
@@ -53,18 +55,15 @@ def merge_arguments(parser):
         "--base",
         help="base model: embedded name, local directory or hub id (default: recorded in the adapter)",
     )
-    parser.add_argument(
-        "--adapter",
-        action="append",
-        required=True,
-        metavar="PATH[:WEIGHT]",
-        help="adapter to merge; repeat to mix",
+    flags.add_adapter(parser, help="adapter to merge, with an optional weight; repeat to mix", required=True)
+    flags.add_out(
+        parser, "output directory for the standalone model (must not exist or be empty)", required=True
     )
-    parser.add_argument("--out", required=True, help="output directory for the standalone model")
     parser.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (default 2GB)")
     parser.add_argument(
         "--no-verify", action="store_true", help="skip checking merged outputs against the unmerged model"
     )
+    flags.add_json(parser, "what was merged and where it was written")
 
 
 def merge_run(args) -> int:
@@ -82,7 +81,11 @@ def merge_run(args) -> int:
         merged = lora.merge_and_unload()
         if expected is not None:
             diff = (merged(input_ids=probe).logits - expected).abs().max().item()
-            print(f"merged vs unmerged logits: max abs difference {diff:.2e}")
+            # With --json, stdout carries the JSON alone.
+            print(
+                f"merged vs unmerged logits: max abs difference {diff:.2e}",
+                file=sys.stderr if args.json else sys.stdout,
+            )
             if diff > 1e-3:
                 raise UserError(f"merged model differs from the unmerged one by {diff:.2e}; not saved")
     # Write into a sibling temp directory and rename, so an interrupted merge leaves no half model.
@@ -93,13 +96,17 @@ def merge_run(args) -> int:
         if rt.tokenizer is not None:
             rt.tokenizer.save_pretrained(tmp)
         else:
-            print("note: base has no tokenizer to copy")
+            print("note: base has no tokenizer to copy", file=sys.stderr)
         if out.exists():
             out.rmdir()
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if args.json:
+        adapters = [{"source": s.source, "weight": s.weight} for _, s in rt.adapters]
+        print(json.dumps({"base": rt.base, "adapters": adapters, "out": str(out)}, indent=2))
+        return 0
     weights = ", ".join(str(s) for _, s in rt.adapters)
     print(f"merged {weights} onto a copy of {describe_base(rt.base)}\nsaved standalone model to {out}")
     print(
@@ -113,17 +120,24 @@ def merge_run(args) -> int:
 
 def mix_arguments(parser):
     parser.add_argument(
-        "adapters", nargs="+", metavar="PATH[:WEIGHT]", help="adapters to combine, each with its weight"
+        "adapters",
+        nargs="*",
+        metavar="SOURCE[:WEIGHT]",
+        help="adapters to combine (a shortcut for --adapter)",
     )
+    flags.add_adapter(parser, help="adapter to combine, with its weight (default 1); repeatable")
     parser.add_argument("--method", choices=METHODS, default="svd", help="combination method (default svd)")
     parser.add_argument(
-        "--rank", type=int, help="rank of the result for svd/ties/dare_linear (default: largest input rank)"
+        "--rank",
+        type=flags.positive_int,
+        help="rank of the result for svd/ties/dare_linear (default: largest input rank)",
     )
     parser.add_argument(
-        "--density", type=float, default=0.5, help="fraction kept by ties/dare_linear (default 0.5)"
+        "--density", type=flags.fraction, default=0.5, help="fraction kept by ties/dare_linear (default 0.5)"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for dare_linear's random drop")
-    parser.add_argument("--out", required=True, help="output adapter directory")
+    flags.add_out(parser, "output adapter directory (must not exist or be empty)", required=True)
+    flags.add_json(parser, "what was mixed and where it was written")
 
 
 class _Skeleton(nn.Module):
@@ -167,8 +181,12 @@ def _skeleton_for(tensors: dict[str, torch.Tensor]) -> nn.Module:
 def mix_run(args) -> int:
     from loraforge.model import LoraModel
 
-    adapters = parse_adapter_specs(args.adapters)
+    adapters = parse_adapter_specs([*args.adapters, *args.adapter])
+    if not adapters:
+        raise UserError("give the adapters to mix (positionally or with --adapter)")
     out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out} exists and is not empty; choose a new --out")
     loaded = [read_adapter(s.path) for s in adapters]
     union = {}
     for _, tensors in loaded:
@@ -191,6 +209,10 @@ def mix_run(args) -> int:
     config.base_model_name_or_path = loaded[0][0].base_model_name_or_path
     config.task_type = loaded[0][0].task_type
     lora.save_pretrained(out, selected_adapters=["default"])
+    if args.json:
+        inputs = [{"source": s.source, "weight": s.weight} for s in adapters]
+        print(json.dumps({"method": args.method, "adapters": inputs, "out": str(out)}, indent=2))
+        return 0
     print(f"mixed {' + '.join(f'{s.weight:g} x {s.source}' for s in adapters)} with {args.method} -> {out}")
     return 0
 

@@ -109,7 +109,7 @@ def test_eval_text_side_by_side(infer_env, capsys, tmp_path):
         str(infer_env["heldout"]),
         "--max-new-tokens",
         "4",
-        "--json",
+        "--out",
         str(report),
     ]
     assert main(argv) == 0

@@ -30,6 +30,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from loraforge import flags
 from loraforge.errors import UserError
 
 STYLE_PALETTE = np.array(
@@ -143,7 +144,7 @@ def style_score(images: list) -> float:
 
 def add_arguments(parser) -> None:
     parser.add_argument(
-        "--adapter", default=None, metavar="PATH[:WEIGHT]", help="adapter to measure (weight default 1.0)"
+        "--adapter", default=None, metavar="SOURCE[:WEIGHT]", help="adapter to measure (weight default 1.0)"
     )
     parser.add_argument("--base", default=None, help="pipeline (default: tiny-sd)")
     parser.add_argument(
@@ -157,15 +158,15 @@ def add_arguments(parser) -> None:
         help="prompt (repeatable). Default: the style set's captions through the adapter's caption template",
     )
     parser.add_argument(
-        "--num-images", type=int, default=2, help="images per prompt (seeds seed, seed+1, ...)"
+        "--num-images", type=flags.positive_int, default=2, help="images per prompt (seeds seed, seed+1, ...)"
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=20, help="denoising steps")
-    parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
+    parser.add_argument("--steps", type=flags.positive_int, default=20, help="denoising steps")
     parser.add_argument(
-        "--out", default=None, help="also save the generated images here (base/ and adapter/)"
+        "--guidance", type=flags.non_negative_float, default=5.0, help="classifier-free guidance scale"
     )
-    parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    flags.add_out(parser, "also save the generated images here (base/ and adapter/)")
+    flags.add_json(parser, "the figures")
 
 
 def _folder_images(folder):

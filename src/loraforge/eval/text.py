@@ -16,22 +16,20 @@ loss drop is printed.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import sys
 from pathlib import Path
 
 import torch
 
+from loraforge import flags
 from loraforge.errors import UserError
+from loraforge.formats.io import save_json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--adapter",
-        action="append",
-        default=[],
-        metavar="PATH[:WEIGHT]",
-        help="adapter to measure (repeatable: mixed by weight)",
-    )
+    flags.add_adapter(parser, help="adapter to measure, with an optional weight; repeat to mix")
     parser.add_argument(
         "--base", default=None, help="base model (default: the adapter's recorded base, else tiny-llama)"
     )
@@ -39,20 +37,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--data", default=None, help="held-out JSONL (default: the packaged example heldout.jsonl)"
     )
     parser.add_argument(
-        "--max-examples",
-        "--max_examples",
-        dest="max_examples",
-        type=int,
-        default=0,
-        help="use only the first N rows (0: all)",
+        "--max-examples", type=flags.non_negative_int, default=0, help="use only the first N rows (0: all)"
     )
-    parser.add_argument("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", type=int, default=64)
-    parser.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=16)
-    parser.add_argument("--max-length", "--max_length", dest="max_length", type=int, default=512)
+    parser.add_argument("--max-new-tokens", type=flags.positive_int, default=64)
+    parser.add_argument("--batch-size", type=flags.positive_int, default=16)
+    parser.add_argument("--max-length", type=flags.positive_int, default=512)
+    flags.add_out(parser, "also write the figures to this JSON file")
+    flags.add_json(parser, "the figures (instead of the table)")
     parser.add_argument(
-        "--json", dest="json_out", default=None, metavar="PATH", help="also write the figures as JSON"
+        "--show", type=flags.non_negative_int, default=3, help="print this many example generations"
     )
-    parser.add_argument("--show", type=int, default=3, help="print this many example generations")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
     parser.add_argument("--trust-remote-code", action="store_true")
 
@@ -152,7 +146,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{data}: no prompt/completion rows to generate from")
     prompts, references = [p for p, _ in pairs], [r for _, r in pairs]
     stop_ids = _stop_token_ids(tokenizer)
-    print(f"data: {data} ({len(pairs)} prompts); {rt.describe()}")
+    # With --json, stdout carries the JSON alone; the progress lines go to stderr.
+    say = functools.partial(print, file=sys.stderr if args.json else sys.stdout)
+    say(f"data: {data} ({len(pairs)} prompts); {rt.describe()}")
 
     results = {}
     if loaded:
@@ -162,6 +158,19 @@ def run(args: argparse.Namespace) -> int:
     else:
         results["base"] = measure(model, tokenizer, dataset, prompts, references, args, stop_ids)
 
+    summary = {name: {k: v for k, v in r.items() if k != "samples"} for name, r in results.items()}
+    if loaded:
+        summary["loss_drop_percent"] = 100 * (1 - results["adapter"]["loss"] / results["base"]["loss"])
+    if args.out:
+        save_json(summary, args.out)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    _print_table(results, summary, loaded, args.show)
+    return 0
+
+
+def _print_table(results: dict, summary: dict, loaded, show: int) -> None:
     columns = [("bare base", results["base"])] + ([("with adapter", results["adapter"])] if loaded else [])
     print()
     print(f"{'':<22}" + "".join(f"{name:>16}" for name, _ in columns))
@@ -174,16 +183,10 @@ def run(args: argparse.Namespace) -> int:
     if all(r["exact_rate"] is not None for _, r in columns):
         print(f"{'exact values':<22}" + "".join(f"{100 * r['exact_rate']:>15.1f}%" for _, r in columns))
     print(f"{'distinct outputs':<22}" + "".join(f"{r['distinct']:>16}" for _, r in columns))
-    summary = {name: {k: v for k, v in r.items() if k != "samples"} for name, r in results.items()}
     if loaded:
-        drop = 100 * (1 - results["adapter"]["loss"] / results["base"]["loss"])
-        summary["loss_drop_percent"] = drop
-        print(f"{'loss drop':<22}{drop:>31.1f}%")
-    shown = results["adapter" if loaded else "base"]["samples"][: max(0, args.show)]
+        print(f"{'loss drop':<22}{summary['loss_drop_percent']:>31.1f}%")
+    shown = results["adapter" if loaded else "base"]["samples"][: max(0, show)]
     if shown:
         print("\nexamples (greedy" + (", with adapter" if loaded else "") + "):")
         for prompt, generation, ok in shown:
             print(f"  [{'ok' if ok else '--'}] {prompt.strip()!r} -> {generation.strip()!r}")
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(summary, indent=2) + "\n")
-    return 0

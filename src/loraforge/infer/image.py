@@ -20,15 +20,17 @@ from __future__ import annotations
 import argparse
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from loraforge.errors import UserError
+from loraforge import flags
+from loraforge.errors import ConfigError, UserError
 from loraforge.runtime import (
     GenerationSettings,
-    apply_adapters,
-    load_pipeline,
+    ImageRuntime,
+    load_image,
     native_size,
     parse_adapter_specs,
     render,
@@ -110,75 +112,129 @@ def parse_size(text: str | None) -> tuple[int, int] | None:
 # -- command line ------------------------------------------------------------------------------------
 
 
+@dataclass
+class GeneratedImage:
+    image: object  # PIL.Image
+    prompt_index: int
+    settings: GenerationSettings
+    seed: int
+
+    def png_info(self, base: str, adapters: list[dict]):
+        width, height = self.image.size
+        return png_info(self.settings, self.seed, width, height, base, adapters)
+
+
+def generate_images(
+    prompts: str | list[str],
+    base: str | None = None,
+    adapters=(),
+    *,
+    negative_prompt: str | None = None,
+    seed: int = 0,
+    steps: int = 25,
+    guidance: float = 5.0,
+    size: str | tuple[int, int] | None = None,
+    num_images: int = 1,
+    scheduler: str | None = None,
+    device: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    runtime: ImageRuntime | None = None,
+) -> list[GeneratedImage]:
+    """`num_images` images per prompt from `base` with `adapters` (``SOURCE[:WEIGHT]`` strings or
+    AdapterSpecs) at their weights; image k of a prompt uses seed ``seed + k``. Pass `runtime` (from
+    `loraforge.runtime.load_image`) to reuse a loaded pipeline."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise UserError("give at least one prompt")
+    if num_images < 1:
+        raise ConfigError(f"num_images must be at least 1, got {num_images}")
+    if steps < 1:
+        raise ConfigError(f"steps must be at least 1, got {steps}")
+    if guidance < 0:
+        raise ConfigError(f"guidance must be >= 0, got {guidance}")
+    if scheduler and scheduler not in SCHEDULERS:
+        raise ConfigError(f"unknown scheduler {scheduler!r}; choose from {', '.join(SCHEDULERS)}")
+    wanted = parse_size(size) if isinstance(size, str) or size is None else tuple(size)
+    rt = runtime or load_image(base, adapters, device=device, dtype=dtype)
+    pipe = rt.pipe
+    if wanted is not None:
+        step = size_step(pipe)
+        if wanted[0] % step or wanted[1] % step:
+            raise ConfigError(
+                f"size {wanted[0]}x{wanted[1]}: both sides must be multiples of {step} for this pipeline"
+            )
+    width, height = wanted or native_size(pipe)
+    set_scheduler(pipe, scheduler)
+    out = []
+    for pi, prompt in enumerate(prompts):
+        settings = GenerationSettings(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            seed=seed,
+            steps=steps,
+            guidance=guidance,
+            width=width,
+            height=height,
+            scheduler=scheduler,
+        )
+        for k, image in enumerate(render(pipe, settings, num_images)):
+            out.append(GeneratedImage(image, pi, settings, seed + k))
+    return out
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--base",
         default=None,
-        help="pipeline: embedded name, local diffusers directory or hub id (default: tiny-sd)",
+        help="pipeline: embedded name, local diffusers directory or hub id (default: the base recorded in the first adapter, else tiny-sd)",
     )
-    parser.add_argument(
-        "--adapter",
-        action="append",
-        default=[],
-        metavar="PATH[:WEIGHT]",
-        help="an adapter directory or .safetensors file, optionally with a weight (default 1.0); repeat to mix",
-    )
+    flags.add_adapter(parser)
     parser.add_argument("--prompt", action="append", required=True, help="prompt; repeat for several prompts")
     parser.add_argument("--negative-prompt", default=None)
     parser.add_argument("--seed", type=int, default=0, help="seed of the first image; image k uses seed + k")
-    parser.add_argument("--steps", type=int, default=25, help="denoising steps")
-    parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
+    parser.add_argument("--steps", type=flags.positive_int, default=25, help="denoising steps")
+    parser.add_argument(
+        "--guidance", type=flags.non_negative_float, default=5.0, help="classifier-free guidance scale"
+    )
     parser.add_argument(
         "--scheduler", choices=sorted(SCHEDULERS), default=None, help="sampler (default: the pipeline's own)"
     )
     parser.add_argument(
         "--size", default=None, help="N or WIDTHxHEIGHT (default: the pipeline's native size)"
     )
-    parser.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    parser.add_argument("--out", default="images", help="output directory for the PNG files")
+    parser.add_argument("--num-images", type=flags.positive_int, default=1, help="images per prompt")
+    flags.add_out(parser, "output directory for the PNG files (default: images)", default="images")
+    flags.add_json(parser, "the written files and their settings")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
 
 
 def run(args) -> int:
-    if args.num_images < 1:
-        raise UserError("--num-images must be at least 1")
-    if args.steps < 1:
-        raise UserError("--steps must be at least 1")
     specs = parse_adapter_specs(args.adapter)  # checked before the pipeline loads
     size = parse_size(args.size)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = load_pipeline(args.base, device=device, dtype=getattr(torch, args.dtype))
-    if size is not None:
-        step = size_step(pipe)
-        if size[0] % step or size[1] % step:
-            raise UserError(
-                f"--size {size[0]}x{size[1]}: both sides must be multiples of {step} for this pipeline"
-            )
-    width, height = size or native_size(pipe)
-    set_scheduler(pipe, args.scheduler)
-    adapters = apply_adapters(pipe, specs)
+    rt = load_image(args.base, specs, device=args.device, dtype=getattr(torch, args.dtype))
+    images = generate_images(
+        args.prompt,
+        negative_prompt=args.negative_prompt,
+        seed=args.seed,
+        steps=args.steps,
+        guidance=args.guidance,
+        size=size,
+        num_images=args.num_images,
+        scheduler=args.scheduler,
+        runtime=rt,
+    )
     described = [{"path": s.source, "weight": s.weight} for s in specs]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    base = args.base or "tiny-sd"
     written = []
-    for pi, prompt in enumerate(args.prompt):
-        settings = GenerationSettings(
-            prompt=prompt,
-            negative_prompt=args.negative_prompt,
-            seed=args.seed,
-            steps=args.steps,
-            guidance=args.guidance,
-            width=width,
-            height=height,
-            scheduler=args.scheduler,
-        )
-        for k, image in enumerate(render(pipe, settings, args.num_images)):
-            seed = args.seed + k
-            path = out / (f"{pi:02d}-{seed}.png" if len(args.prompt) > 1 else f"{seed}.png")
-            image.save(path, pnginfo=png_info(settings, seed, width, height, base, described))
-            written.append(path)
-    loaded = ", ".join(f"{a.path}:{a.weight:g}" for a in adapters.adapters) or "none"
-    print(f"wrote {len(written)} image(s) to {out} (adapters: {loaded})")
+    for g in images:
+        path = out / (f"{g.prompt_index:02d}-{g.seed}.png" if len(args.prompt) > 1 else f"{g.seed}.png")
+        g.image.save(path, pnginfo=g.png_info(rt.base, described))
+        written.append({"path": str(path), "prompt": g.settings.prompt, "seed": g.seed})
+    if args.json:
+        print(json.dumps({"base": rt.base, "adapters": described, "images": written}, indent=2))
+    else:
+        loaded = ", ".join(f"{a.path}:{a.weight:g}" for a in rt.adapters.adapters) or "none"
+        print(f"wrote {len(written)} image(s) to {out} (adapters: {loaded})")
     return 0
