@@ -191,15 +191,18 @@ class TextRuntime:
         return f"base: {describe_base(self.base)}; adapters: {mix}"
 
 
-def _refuse_image_adapter(spec: AdapterSpec, path: Path) -> None:
+def text_adapter_dir(spec: AdapterSpec) -> Path:
+    """The PEFT adapter directory of a spec: the directory itself, or the directory of its weights
+    file. An image adapter is refused with a pointer to `generate-image`."""
     from loraforge.formats.diffusers import WEIGHTS_NAME
 
-    if (path / CONFIG_NAME).is_file():
-        return
-    image = path.is_file() or (path / WEIGHTS_NAME).is_file() or any(path.glob("*.safetensors"))
-    if image:
+    path = locate_adapter(spec)
+    directory = path.parent if path.is_file() else path
+    if (directory / CONFIG_NAME).is_file() and (path.is_dir() or path.suffix in (".safetensors", ".bin")):
+        return directory
+    if path.is_file() or (path / WEIGHTS_NAME).is_file() or any(path.glob("*.safetensors")):
         raise UserError(
-            f"{spec.source} is not a PEFT adapter for a language model (no {CONFIG_NAME}); "
+            f"{spec.source} is not a PEFT adapter for a language model (no {CONFIG_NAME} beside it); "
             "image adapters go to generate-image"
         )
     raise NotFound(f"{spec.source} is not an adapter directory (no {CONFIG_NAME})")
@@ -217,16 +220,15 @@ def load_text(
     from loraforge.model import LoraModel
 
     specs = parse_adapter_specs(adapters)
-    for spec in specs:
-        _refuse_image_adapter(spec, locate_adapter(spec))
+    directories = [text_adapter_dir(spec) for spec in specs]  # all checked before the model loads
     name = choose_base(base, specs, DEFAULT_TEXT_BASE)
     model, tokenizer = load_text_model(name, dtype, trust_remote_code, require_tokenizer)
     if device is not None:
         model.to(device)
     lora = LoraModel(model)
     loaded = []
-    for i, spec in enumerate(specs):
-        lora.load_adapter(locate_adapter(spec), adapter_name(i))
+    for i, (spec, directory) in enumerate(zip(specs, directories)):
+        lora.load_adapter(directory, adapter_name(i))
         loaded.append((adapter_name(i), spec))
     if loaded:
         lora.set_adapters([n for n, _ in loaded], [s.weight for _, s in loaded])

@@ -142,3 +142,22 @@ def test_sdxl_train_then_generate_like_diffusers(tiny_sdxl, tmp_path):
         ).images[0]
 
     np.testing.assert_allclose(image(ours), image(theirs), atol=1e-5)
+
+
+def test_generate_images_api_matches_the_command_line(trained, tiny_sd, tmp_path):
+    from loraforge import generate_images
+
+    out = _generate(tmp_path, "cli", tiny_sd, "--adapter", f"{trained}:0.7", "--num-images", "2")
+    made = generate_images(PROMPT, base=tiny_sd, adapters=[f"{trained}:0.7"], seed=5, steps=3, num_images=2)
+    assert [g.seed for g in made] == [5, 6]
+    for g in made:
+        assert np.array_equal(np.asarray(g.image.convert("RGB")), _pixels(out / f"{g.seed}.png"))
+
+
+def test_image_commands_use_the_base_the_adapter_records(trained, tiny_sd, tmp_path):
+    """The same rule as the text commands: no --base means the base the adapter records."""
+    from loraforge.runtime import load_image
+
+    info = json.loads((trained / "adapter_info.json").read_text())
+    assert info["base"] == tiny_sd
+    assert load_image(adapters=[trained]).base == tiny_sd
