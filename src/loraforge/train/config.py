@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import copy
 import dataclasses
 import difflib
 import inspect
@@ -586,7 +587,7 @@ def resolve_config(cls, config=None, overrides: dict[str, Any] | None = None):
 
 def with_overrides(config, overrides: dict[str, Any] | None = None):
     """A validated copy of `config` with `overrides` (keys and values as `load_config` takes them)."""
-    start = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init}
+    start = {f.name: copy.deepcopy(getattr(config, f.name)) for f in dataclasses.fields(config) if f.init}
     return _build(type(config), start, [(overrides or {}, None)])
 
 
