@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from safetensors.torch import load_file
 from tiny_pipelines import build_tiny_sd, make_style_images, train_adapter
@@ -295,3 +296,36 @@ def test_embedded_pipeline_learns_the_example_style(tmp_path):
     figures = json.loads(proc.stdout[proc.stdout.index("{") :])
     assert figures["base"]["score"] < 0.1 and figures["style"]["score"] > 0.9
     assert figures["moved"] >= 0.5
+
+
+def test_train_image_from_python(tiny_sd, style_dir, tmp_path):
+    from loraforge import LoraConfig
+    from loraforge.train.image import ImageTrainConfig, train_image
+    from loraforge.train.loop import TrainResult
+
+    out = tmp_path / "run"
+    config = ImageTrainConfig(
+        base=tiny_sd,
+        data=str(style_dir),
+        output_dir=str(out),
+        max_steps=2,
+        batch_size=2,
+        validation_steps=2,
+        progress_bar=False,
+        tensorboard=False,
+        lora=LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_v"]),
+    )
+    result = train_image(config, train_text_encoder=True)  # keywords override the config's keys
+    assert isinstance(result, TrainResult) and result.steps == 2 and result.adapter_dir == out / "adapter"
+    assert result.checkpoint == out / "checkpoints" / "step-2"
+    weights = load_file(result.adapter_dir / "pytorch_lora_weights.safetensors")
+    downs = {k: v for k, v in weights.items() if k.endswith("lora_A.weight")}
+    assert {k.split(".")[0] for k in downs} == {"unet", "text_encoder"}  # the text encoder got the same LoRA
+    assert all(v.shape[0] == 2 for v in downs.values())
+    assert {k.rsplit(".", 3)[-3] for k in downs if k.startswith("unet.")} == {"to_q", "to_v"}
+    info = json.loads((result.adapter_dir / "adapter_info.json").read_text())
+    assert info["rank"] == 2 and info["target_modules"] == ["to_q", "to_v"]
+    saved = yaml.safe_load((out / "train_config.yaml").read_text())
+    assert saved["lora"]["r"] == 2 and saved["train_text_encoder"] is True
+    with pytest.raises(ValueError, match="config key 'lora.bias'"):
+        train_image(config, lora={"bias": "all"})

@@ -1,14 +1,17 @@
 """`loraforge train-image`: teach a Stable Diffusion pipeline a style or subject with LoRA.
 
     loraforge train-image                                  # embedded tiny-sd + the example style set
-    loraforge train-image --base path/or/hub-id --data photos.zip --max_steps 1500 --resolution 512
-    loraforge train-image --config examples/train_image.yaml --train_text_encoder
+    loraforge train-image --base path/or/hub-id --data photos.zip --max-steps 1500 --resolution 512
+    loraforge train-image --config examples/train_image.yaml --train-text-encoder --out runs/mine
+
+From Python: ``train_image(ImageTrainConfig(data="photos", max_steps=500, lora=LoraConfig(r=16)))``
+returns a `TrainResult`.
 
 What it trains (on the shared loop of `loraforge.train.loop`, so checkpoints, resume, metrics, NaN
 handling and seeds behave as in `loraforge train`):
 
 * LoRA on the UNet's attention projections (``to_q``, ``to_k``, ``to_v``, ``to_out.0`` by default;
-  any names or a regex, convolutions included, via ``target_modules``), optionally on the text
+  any names or a regex, convolutions included, via ``lora.target_modules``), optionally on the text
   encoder(s) too (``train_text_encoder``);
 * pivotal tuning: new placeholder tokens (``<s1><s2>`` by default) are added to the tokenizer(s) and
   their embedding vectors train with the LoRA. The vectors are a separate parameter spliced into the
@@ -39,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loraforge.config import LoraConfig
 from loraforge.data.images import (
     ImageRecord,
     PromptBuilder,
@@ -49,7 +53,16 @@ from loraforge.data.images import (
     scan_images,
 )
 from loraforge.errors import UserError
-from loraforge.train.config import TrainConfig, add_config_arguments, config_from_args, save_config
+from loraforge.train.config import (
+    TrainConfig,
+    add_config_arguments,
+    bad_value,
+    config_from_args,
+    resolve_config,
+    save_config,
+)
+from loraforge.train.loop import TrainResult
+from loraforge.train.task import Task, enable_activation_checkpointing
 
 EXAMPLE_DATA = Path(__file__).resolve().parent.parent / "examples" / "style"
 DEFAULT_UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -82,6 +95,10 @@ class ImageTrainConfig(TrainConfig):
 
     output_dir: str = "runs/image"
     """Directory for the run: the final adapter (`adapter/`), checkpoints, metrics, samples, loss curve."""
+
+    eval_every: int = 0
+    """Compute the eval loss every N steps (and always at the end): the noise-prediction error on up to
+    8 training images at fixed timesteps and noise, comparable across steps. 0: only at the end."""
 
     base: str = "tiny-sd"
     """Pipeline to adapt: an embedded base name, a local diffusers directory or a hub id (SD 1.x/2.x, SDXL)."""
@@ -174,16 +191,18 @@ class ImageTrainConfig(TrainConfig):
     max_steps: int = 1500
     """Number of optimizer steps. 0: run for `epochs` passes over the data instead."""
 
-    lora_r: int = 8
-    """Rank of each LoRA update."""
-
-    lora_alpha: float = 8.0
-    """LoRA scale numerator: updates are multiplied by lora_alpha / lora_r."""
-
-    target_modules: list[str] | str | None = None
-    """UNet modules that get LoRA: names or suffixes (convolutions too, e.g. conv1, conv2), a regular
-    expression, or "all-linear". Empty: the attention projections to_q, to_k, to_v, to_out.0 (for the
-    embedded tiny-sd also proj_in, proj_out, ff.net.0.proj, ff.net.2, conv1, conv2)."""
+    lora: LoraConfig = field(
+        default_factory=lambda: LoraConfig(r=8, lora_alpha=8.0),
+        metadata={
+            "docs": {
+                "target_modules": "UNet modules that get LoRA: names or suffixes (convolutions too, e.g. "
+                'conv1, conv2), a regular expression, or "all-linear". Empty: the attention projections '
+                "to_q, to_k, to_v, to_out.0 (for the embedded tiny-sd also proj_in, proj_out, ff.net.0.proj, "
+                "ff.net.2, conv1, conv2). The text encoders' LoRA (train_text_encoder) has the same "
+                "settings on text_encoder_target_modules."
+            }
+        },
+    )
 
     save_every: int = 100
     """Write a resumable checkpoint every N steps (and at the end). 0: only at the end."""
@@ -195,28 +214,35 @@ class ImageTrainConfig(TrainConfig):
     def validate(self) -> None:
         super().validate()
         if self.resolution < 0:
-            raise UserError(f"config key 'resolution': must be >= 0 (got {self.resolution})")
+            bad_value("resolution", self.resolution, "must be >= 0")
         if self.min_image_size < 0:
-            raise UserError(f"config key 'min_image_size': must be >= 0 (got {self.min_image_size})")
+            bad_value("min_image_size", self.min_image_size, "must be >= 0")
         for name in ("snr_gamma", "noise_offset", "token_learning_rate", "text_encoder_learning_rate"):
             if getattr(self, name) < 0 or not math.isfinite(getattr(self, name)):
-                raise UserError(f"config key {name!r}: must be a number >= 0 (got {getattr(self, name)})")
+                bad_value(name, getattr(self, name), "must be a number >= 0")
         if self.validation_steps <= 0:
-            raise UserError(f"config key 'validation_steps': must be > 0 (got {self.validation_steps})")
+            bad_value("validation_steps", self.validation_steps, "must be > 0")
         if len(set(self.placeholder_tokens)) != len(self.placeholder_tokens):
-            raise UserError(
-                f"config key 'placeholder_tokens': tokens must differ (got {self.placeholder_tokens})"
-            )
+            bad_value("placeholder_tokens", self.placeholder_tokens, "tokens must differ")
         for token in self.placeholder_tokens:
             if not token or any(c.isspace() for c in token):
-                raise UserError(
-                    f"config key 'placeholder_tokens': {token!r} must be non-empty and without spaces"
-                )
+                bad_value("placeholder_tokens", token, "each token must be non-empty and without spaces")
         PromptBuilder(
             self.placeholder_tokens, self.caption_template, self.instance_prompt
         )  # checks templates
         if not self.base:
-            raise UserError("config key 'base': must not be empty")
+            bad_value("base", self.base, "must not be empty")
+        # What Stable Diffusion's LoRA files cannot hold.
+        if self.lora.bias != "none":
+            bad_value("lora.bias", self.lora.bias, "image adapter files hold no biases; use none")
+        if self.lora.modules_to_save:
+            bad_value("lora.modules_to_save", self.lora.modules_to_save, "image adapter files hold LoRA only")
+        if self.lora.init_lora_weights == "pissa":
+            bad_value(
+                "lora.init_lora_weights",
+                "pissa",
+                "PiSSA changes the base weights, which image files cannot hold",
+            )
 
 
 # -- the modules that train ----------------------------------------------------------------------------
@@ -301,14 +327,19 @@ class _Samples:
     ids: list[list[torch.Tensor]] = field(default_factory=list)  # per text encoder, (L,)
 
 
-class ImageTask:
-    """The shared loop's task for Stable Diffusion LoRA (see `loraforge.train.loop`)."""
+class ImageTask(Task):
+    """The shared loop's task for Stable Diffusion LoRA (see `loraforge.train.task`).
+
+    Without `records`, the constructor reads and checks the config's data (before any model loads)."""
 
     throughput_unit = "img"  # the loop's throughput counts images here, not tokens
 
-    def __init__(self, config: ImageTrainConfig, records: list[ImageRecord]):
+    def __init__(self, config: ImageTrainConfig, records: list[ImageRecord] | None = None, report=None):
+        if records is None:
+            records, report = load_data(config)
         self.config = config
         self.records = records
+        self.report = report
         self.model: nn.Module | None = None
         self.last_grid: Path | None = None
         self.log = print
@@ -318,11 +349,14 @@ class ImageTask:
     def build(self, accelerator=None) -> None:
         from diffusers import DDPMScheduler
 
-        from loraforge.config import LoraConfig
         from loraforge.model import LoraModel
         from loraforge.runtime import load_pipeline, native_size, size_step, text_models
 
         c = self.config
+        if self.report is not None:
+            lines = self.report.summary().splitlines()
+            more = [f"  ... and {len(lines) - 21} more"] if len(lines) > 21 else []
+            self.log("\n".join(lines[:21] + more))
         self.device = accelerator.device if accelerator is not None else torch.device("cpu")
         dtype = self._weights_dtype()
         self.pipe = pipe = load_pipeline(c.base, device="cpu", dtype=dtype, threads=c.threads)
@@ -346,14 +380,9 @@ class ImageTask:
         self.unet_dtype = pipe.unet.dtype  # diffusers' `.dtype` walks every module: read it once
 
         # UNet LoRA.
-        targets = c.target_modules or default_unet_targets(c.base)
+        targets = c.lora.target_modules or default_unet_targets(c.base)
         self.unet_targets = targets
-        self.unet_lora = LoraModel(
-            pipe.unet,
-            LoraConfig(
-                r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout, target_modules=targets
-            ),
-        )
+        self.unet_lora = LoraModel(pipe.unet, dataclasses.replace(c.lora, target_modules=targets))
         # Text encoders: optional LoRA, then the placeholder tokens (after LoRA, which freezes everything).
         self.text = text_models(pipe)
         encoders = []
@@ -361,12 +390,7 @@ class ImageTask:
         for component, _, encoder in self.text:
             encoder.requires_grad_(False)
             if c.train_text_encoder:
-                te_config = LoraConfig(
-                    r=c.lora_r,
-                    lora_alpha=c.lora_alpha,
-                    lora_dropout=c.lora_dropout,
-                    target_modules=list(c.text_encoder_target_modules),
-                )
+                te_config = dataclasses.replace(c.lora, target_modules=list(c.text_encoder_target_modules))
                 self.te_loras[component] = LoraModel(encoder, te_config)
                 encoders.append(self.te_loras[component])
             else:
@@ -521,8 +545,6 @@ class ImageTask:
                     self.text_cache[prompt] = (hidden[0], None if pooled is None else pooled[0])
 
     def enable_gradient_checkpointing(self) -> None:
-        from loraforge.train.loop import enable_activation_checkpointing
-
         self.unet_lora.model.enable_gradient_checkpointing()
         for lora in self.te_loras.values():
             enable_activation_checkpointing(lora.model)
@@ -725,8 +747,8 @@ class ImageTask:
             "file_format": c.format,
             "base": c.base,
             "pipeline": type(self.pipe).__name__,
-            "rank": c.lora_r,
-            "alpha": c.lora_alpha,
+            "rank": c.lora.r,
+            "alpha": c.lora.lora_alpha,
             "target_modules": self.unet_targets,
             "text_encoder_lora": c.train_text_encoder,
             "text_encoder_target_modules": list(c.text_encoder_target_modules)
@@ -815,11 +837,7 @@ def native_resolution(base: str) -> int:
     return sample * 2 ** (len(vae["block_out_channels"]) - 1)
 
 
-# -- command line ----------------------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser, ImageTrainConfig)
+# -- Python API and command line ------------------------------------------------------------------------
 
 
 def load_data(config: ImageTrainConfig, resolution: int | None = None):
@@ -835,26 +853,43 @@ def load_data(config: ImageTrainConfig, resolution: int | None = None):
     return records, report
 
 
-def run(args) -> int:
+def train_image(config: ImageTrainConfig | None = None, /, **overrides) -> TrainResult:
+    """Teaches a Stable Diffusion pipeline a style or subject: `loraforge train-image` from Python.
+
+    `config` defaults to `ImageTrainConfig()`; `overrides` are config keys as in the YAML file
+    (`max_steps=500`, `lora={"r": 16}`, the older `lora_r=16` ...) applied on top of it. The config is
+    validated and the images read and checked before any model loads (a `UserError` names the key or
+    the files). The resolved config is saved as ``<output_dir>/train_config.yaml``; the adapter goes to
+    `result.adapter_dir`. Prints what the training prints (data report, progress); nothing else.
+    """
     from accelerate import PartialState
 
     from loraforge.train.loop import train
 
-    config = config_from_args(ImageTrainConfig, args)
-    records, report = load_data(config)
+    config = resolve_config(ImageTrainConfig, config, overrides)
+    task = ImageTask(config)  # reads and checks the images
     # cpu=True without a GPU: how accelerate recognises a multi-process CPU launch (torchrun).
     main = PartialState(cpu=not torch.cuda.is_available()).is_main_process
     if main:
-        lines = report.summary().splitlines()
-        print("\n".join(lines[:21] + ([f"  ... and {len(lines) - 21} more"] if len(lines) > 21 else [])))
         save_config(config, Path(config.output_dir) / "train_config.yaml")
-    task = ImageTask(config, records)
-    task.log = print if main else (lambda *a, **k: None)
-    result = train(task, config)
+    else:
+        task.log = lambda *a, **k: None
+    return train(task, config)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser, ImageTrainConfig, example="examples/train_image.yaml")
+
+
+def run(args) -> int:
+    from accelerate import PartialState
+
+    config = config_from_args(ImageTrainConfig, args)
+    result = train_image(config)
     if result.interrupted:
         return 130
-    if main:
-        out = result.adapter_dir
+    if PartialState(cpu=not torch.cuda.is_available()).is_main_process:
+        out, task = result.adapter_dir, result.task
         tokens = "".join(task.tokens)
         example = (task.validation_prompts() or [f"a picture in the style of {tokens}"])[0]
         print(

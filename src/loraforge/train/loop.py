@@ -1,32 +1,14 @@
-"""The training loop shared by every `loraforge train*` command: one function, `train(task, config)`.
+"""The training loop shared by every `loraforge train*` command: `train(task, config) -> TrainResult`.
 
-It knows nothing about text or images. What it trains is a *task*, any object with these members
-(`loraforge.train.text.TextTask` is the reference implementation)::
+It knows nothing about text or images: what it trains is a `loraforge.train.task.Task`. `train`
+reads as the outline of a run; each phase is a method of `_Run`, in the order they run::
 
-    build(accelerator)         load the base, put the adapter on, load the data. Called once, after
-                               the seed is set, on every process. Set `task.model` there.
-    model                      the nn.Module to train (e.g. the LoraModel). After build the loop
-                               replaces it with the prepared module (DDP-wrapped when distributed,
-                               autocasting under mixed precision): keep your own reference to the
-                               unwrapped model for saving, eval and sampling.
-    trainable_parameters()     the parameters to optimise (the adapter's).
-    parameter_groups()         optional, instead: AdamW groups, dicts with "params" and optionally
-                               "lr" / "weight_decay" overriding the config's.
-    num_batches()              micro-batches in one epoch (the same every epoch).
-    train_batches(epoch, start=0)
-                               iterator over the epoch's micro-batches from index `start` on. Must be
-                               deterministic given (seed, epoch): resuming skips to `start`. Every
-                               process yields the same batches; the loop hands micro-batch j of an
-                               optimizer step to process j % num_processes.
-    loss(batch)                -> (loss, n): the mean loss over the batch's n loss items (tokens for
-                               text, examples for images), n > 0. Runs the forward via `task.model`.
-    eval_loss()                -> float or None: held-out loss (main process only, no gradients).
-    sample(step, out_dir)      write samples for this step under out_dir (main process only).
-    save_adapter(directory)    write the adapter in its interchange format (main process only).
-    extra_state() / load_extra_state(state)
-                               anything else a resumed run needs (a dict; torch.save-able).
-    input_tokens(batch)        optional: tokens processed, for tokens/s (default: n from loss()).
-    throughput_unit            optional: what input_tokens counts, for the progress bar (default "tok").
+    set up    threads, accelerator, seed, task.build, optimizer, learning-rate schedule
+    resume    weights, optimizer, schedule, RNG states and data position of a checkpoint
+    start     metrics, progress bar, the eval of the fresh adapter
+    step      accumulate (forward + backward of each micro-batch), clip, step, zero
+    after     metrics row, eval, samples and checkpoint, each when due
+    finish    the final eval, samples and checkpoint; the adapter; the loss curve
 
 Gradients are token-weighted across micro-batches and processes: each micro-batch contributes
 ``mean_loss * n`` and the summed gradient is divided once by the step's total n, so a step over
@@ -40,55 +22,30 @@ What the run leaves under `config.output_dir` (written by the main process only)
 from __future__ import annotations
 
 import contextlib
-import csv
 import math
 import os
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple
 
 import torch
 
 from loraforge.errors import UserError
+from loraforge.train.charts import draw_loss_curve
 from loraforge.train.checkpoint import (
     capture_rng_state,
     find_latest,
+    list_checkpoints,
     load_checkpoint,
     resolve_resume,
     restore_rng_state,
     save_checkpoint,
 )
 from loraforge.train.config import TrainConfig, config_to_dict
-
-METRICS_NAME = "metrics.csv"
-METRIC_COLUMNS = [
-    "step",
-    "epoch",
-    "loss",
-    "eval_loss",
-    "lr",
-    "grad_norm",
-    "tokens",
-    "tokens_per_s",
-    "elapsed_s",
-]
-
-
-class Task(Protocol):  # documentation and type hints only; see the module docstring
-    model: torch.nn.Module
-
-    def build(self, accelerator) -> None: ...
-    def trainable_parameters(self) -> list[torch.nn.Parameter]: ...
-    def num_batches(self) -> int: ...
-    def train_batches(self, epoch: int, start: int = 0): ...
-    def loss(self, batch) -> tuple[torch.Tensor, int]: ...
-    def eval_loss(self) -> float | None: ...
-    def sample(self, step: int, out_dir: Path) -> None: ...
-    def save_adapter(self, directory: Path) -> None: ...
-    def extra_state(self) -> dict: ...
-    def load_extra_state(self, state: dict) -> None: ...
+from loraforge.train.metrics import METRICS_NAME, MetricsWriter, read_metrics
+from loraforge.train.signals import StopRequest, stop_requests
+from loraforge.train.task import Task
 
 
 class LossNotFinite(UserError):
@@ -97,16 +54,32 @@ class LossNotFinite(UserError):
 
 @dataclass
 class TrainResult:
+    """What a training run produced."""
+
     adapter_dir: Path | None
+    """The final adapter (None when the run was interrupted: see `checkpoint`)."""
     steps: int
+    """Optimizer steps done, counting those of the run that was resumed."""
     total_steps: int
     train_loss: float | None
+    """Loss of the last step."""
     eval_loss: float | None
+    """Eval loss at the end (None when the task has none)."""
     interrupted: bool = False
     elapsed_s: float = 0.0
     tokens: int = 0
-    step_time_s: float = 0.0  # time in training steps only (no eval, samples, checkpoints)
+    """Input tokens (or the task's `throughput_unit`) trained on, over all processes."""
+    step_time_s: float = 0.0
+    """Time in training steps only (no eval, samples, checkpoints)."""
     history: list[dict[str, Any]] = field(default_factory=list)
+    """The rows of metrics.csv (main process only)."""
+    output_dir: Path | None = None
+    checkpoint: Path | None = None
+    """The newest complete checkpoint directory (``output_dir/checkpoints/step-N``), or None."""
+    checkpoints: list[Path] = field(default_factory=list)
+    """Every checkpoint kept, oldest first."""
+    task: Task | None = field(default=None, repr=False, compare=False)
+    """The task that was trained: its model stays loaded, with the adapter's final weights."""
 
 
 def lr_factor(step: int, config: TrainConfig, total_steps: int) -> float:
@@ -123,320 +96,445 @@ def lr_factor(step: int, config: TrainConfig, total_steps: int) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def train(task, config: TrainConfig) -> TrainResult:
+def train(task: Task, config: TrainConfig) -> TrainResult:
     """Trains `task` as `config` says; returns where the adapter went and the final losses."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import gather_object, set_seed
+    run = _Run(task, config)  # set up: threads, accelerator, seed, build, optimizer, schedule
+    run.resume()  # from config.resume's checkpoint, if any
+    with stop_requests() as stop:  # first Ctrl-C / SIGTERM: finish the step, checkpoint, stop
+        try:
+            run.start()  # metrics, progress bar, the eval of the fresh adapter
+            while run.step < run.total_steps:
+                done = run.train_step(stop)  # accumulate, backward, clip, step, zero
+                run.after_step(done)  # metrics row, eval, samples, checkpoint: each when due
+                if done.stop_requested and run.step < run.total_steps:
+                    run.interrupted = True
+                    break
+        except KeyboardInterrupt:  # a second Ctrl-C: the step under way is dropped
+            run.abandon_step()
+        finally:
+            run.close_outputs()
+    if run.interrupted:
+        return run.stop_early()  # a checkpoint of the last step done, and how to resume
+    return run.finish()  # final eval, samples and checkpoint; the adapter; the loss curve
 
-    if config.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise UserError("mixed_precision fp16 needs a GPU; use bf16 or no on CPU")
-    threads = choose_threads(config.threads)
-    if threads != torch.get_num_threads():
-        torch.set_num_threads(threads)
-    out = Path(config.output_dir)
-    resume_from = resolve_resume(out, config.resume)  # fail before loading anything
 
-    # cpu=True without a GPU: that is how accelerate recognises a multi-process CPU (gloo) launch.
-    # accelerate keeps one global state per process; forget the previous run's settings (mixed
-    # precision) so a notebook or test can train several times. The distributed state stays.
-    AcceleratorState._reset_state(reset_partial_state=False)
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
-    main = accelerator.is_main_process
-    world, rank = accelerator.num_processes, accelerator.process_index
-    say = accelerator.print
+class _Step(NamedTuple):
+    """What one optimizer step measured."""
 
-    # Same seed on every process: identical adapter initialisation everywhere (DDP also broadcasts
-    # rank 0's weights), and the same data order, of which each process takes its share.
-    set_seed(config.seed)
-    task.build(accelerator)
-    if config.gradient_checkpointing:
-        _enable_gradient_checkpointing(task)
+    loss: float
+    lr: float
+    grad_norm: float
+    throughput: float  # input tokens per second over the current metrics window
+    stop_requested: bool  # on any process
 
-    # A task may split its parameters into optimizer groups with their own "lr" / "weight_decay"
-    # (e.g. learned token embeddings); the schedule scales every group alike.
-    groups = (
-        task.parameter_groups()
-        if hasattr(task, "parameter_groups")
-        else [{"params": task.trainable_parameters()}]
-    )
-    groups = [dict(g, params=[p for p in g["params"] if p.requires_grad]) for g in groups]
-    groups = [g for g in groups if g["params"]]
-    params = [p for g in groups for p in g["params"]]
-    if not params:
-        raise UserError("the task has no trainable parameters")
-    optimizer = _adamw(groups, config)
 
-    group = config.grad_accum * world  # micro-batches per optimizer step, over all processes
-    num_batches = task.num_batches()
-    if num_batches <= 0:
-        raise UserError("the training data yields no batches")
-    total_steps = config.max_steps or max(1, int(config.epochs * num_batches / group))
-    # The schedule is ours (not accelerate's, which steps once per process): one step per update.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config, total_steps))
-    task.model, optimizer = accelerator.prepare(task.model, optimizer)
-    unwrapped = accelerator.unwrap_model(task.model)
+@dataclass
+class _Window:
+    """Sums since the last metrics row."""
+
+    loss: float = 0.0
+    items: int = 0
+    tokens: int = 0
+    time: float = 0.0
+
+
+class _Run:
+    """One training run: its state, and its phases as methods (see the module docstring)."""
+
+    # -- set up ------------------------------------------------------------------------------------
+
+    def __init__(self, task: Task, config: TrainConfig):
+        from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
+        from accelerate.utils import set_seed
+
+        if config.mixed_precision == "fp16" and not torch.cuda.is_available():
+            raise UserError("mixed_precision fp16 needs a GPU; use bf16 or no on CPU")
+        self.task, self.config = task, config
+        self.threads = choose_threads(config.threads)
+        if self.threads != torch.get_num_threads():
+            torch.set_num_threads(self.threads)
+        self.out = Path(config.output_dir)
+        self.resume_from = resolve_resume(self.out, config.resume)  # fail before loading anything
+
+        # cpu=True without a GPU: that is how accelerate recognises a multi-process CPU (gloo) launch.
+        # accelerate keeps one global state per process; forget the previous run's settings (mixed
+        # precision) so a notebook or test can train several times. The distributed state stays.
+        AcceleratorState._reset_state(reset_partial_state=False)
+        self.accelerator = Accelerator(
+            mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available()
+        )
+        self.main = self.accelerator.is_main_process
+        self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
+        self.say = self.accelerator.print
+
+        # Same seed on every process: identical adapter initialisation everywhere (DDP also broadcasts
+        # rank 0's weights), and the same data order, of which each process takes its share.
+        set_seed(config.seed)
+        task.build(self.accelerator)
+        if config.gradient_checkpointing:
+            task.enable_gradient_checkpointing()
+        self.optimizer, self.params = self._setup_optimizer()
+
+        self.group = config.grad_accum * self.world  # micro-batches per optimizer step, all processes
+        self.num_batches = task.num_batches()
+        if self.num_batches <= 0:
+            raise UserError("the training data yields no batches")
+        self.total_steps = config.max_steps or max(1, int(config.epochs * self.num_batches / self.group))
+        # The schedule is ours (not accelerate's, which steps once per process): one step per update.
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, config, self.total_steps)
+        )
+        task.model, self.optimizer = self.accelerator.prepare(task.model, self.optimizer)
+        self.unwrapped = self.accelerator.unwrap_model(task.model)
+
+        # Where the run stands.
+        self.step, self.position, self.tokens_seen = 0, (0, 0), 0
+        self.last_loss: float | None = None
+        self.last_eval: float | None = None
+        self.saved_at = self.evaluated_at = self.sampled_at = -1
+        self.interrupted = False
+        self.metrics: MetricsWriter | None = None
+        self.progress = None
+        self.window = _Window()
+        self.step_time = 0.0
+        self.started = time.perf_counter()
+
+    def _setup_optimizer(self):
+        """AdamW over the task's parameter groups (a group's own "lr" / "weight_decay" override the
+        config's; the schedule scales every group alike), without parameters that do not train."""
+        groups = [
+            dict(g, params=[p for p in g["params"] if p.requires_grad]) for g in self.task.parameter_groups()
+        ]
+        groups = [g for g in groups if g["params"]]
+        params = [p for g in groups for p in g["params"]]
+        if not params:
+            raise UserError("the task has no trainable parameters")
+        return _adamw(groups, self.config), params
 
     # -- resume ------------------------------------------------------------------------------------
-    step, position, tokens_seen = 0, (0, 0), 0
-    if resume_from is not None:
-        state = load_checkpoint(resume_from)
-        step, position, tokens_seen = state["step"], tuple(state["data_position"]), state.get("tokens", 0)
-        named = dict(unwrapped.named_parameters())
+
+    def resume(self) -> None:
+        """Continues from `config.resume`'s checkpoint: trainable weights, optimizer, schedule, grad
+        scaler, this process's RNG states, data position, tokens seen and the task's extra state."""
+        if self.resume_from is None:
+            return
+        state = load_checkpoint(self.resume_from)
+        self.step, self.position = state["step"], tuple(state["data_position"])
+        self.tokens_seen = state.get("tokens", 0)
+        named = dict(self.unwrapped.named_parameters())
         with torch.no_grad():
             for name, value in state["trainable"].items():
                 if name not in named:
-                    raise UserError(f"checkpoint {resume_from} does not fit this model: no parameter {name}")
+                    raise UserError(
+                        f"checkpoint {self.resume_from} does not fit this model: no parameter {name}"
+                    )
                 named[name].copy_(value)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if accelerator.scaler is not None and state.get("scaler"):
-            accelerator.scaler.load_state_dict(state["scaler"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.accelerator.scaler is not None and state.get("scaler"):
+            self.accelerator.scaler.load_state_dict(state["scaler"])
         rng = state["rng"]
-        restore_rng_state(rng[rank] if rank < len(rng) else rng[0])
-        task.load_extra_state(state.get("extra") or {})
-        if state.get("total_steps") != total_steps:
-            say(
-                f"note: the checkpoint was made for {state.get('total_steps')} steps, this run has {total_steps}"
+        restore_rng_state(rng[self.rank] if self.rank < len(rng) else rng[0])
+        self.task.load_extra_state(state.get("extra") or {})
+        if state.get("total_steps") != self.total_steps:
+            self.say(
+                f"note: the checkpoint was made for {state.get('total_steps')} steps, this run has {self.total_steps}"
             )
-        say(f"resumed from {resume_from} at step {step}")
-        if step >= total_steps:
-            say("the checkpoint is already at or past the last step; nothing left to train")
+        self.say(f"resumed from {self.resume_from} at step {self.step}")
+        if self.step >= self.total_steps:
+            self.say("the checkpoint is already at or past the last step; nothing left to train")
 
-    # -- outputs -----------------------------------------------------------------------------------
-    metrics = (
-        _Metrics(out, resume_step=step if resume_from else None, tensorboard=config.tensorboard)
-        if main
-        else None
-    )
-    progress = _progress(config, total_steps, step, disabled=not main)
-    unit = getattr(task, "throughput_unit", "tok")
+    # -- start -------------------------------------------------------------------------------------
 
-    stop_requested = {"flag": False}
-    previous_handlers = _install_interrupt_handlers(stop_requested)
+    def start(self) -> None:
+        """Opens the metrics and the progress bar, and evaluates the starting point."""
+        c = self.config
+        if self.main:
+            resume_step = self.step if self.resume_from else None
+            self.metrics = MetricsWriter(self.out, resume_step=resume_step, tensorboard=c.tensorboard)
+        self.progress = _progress(c, self.total_steps, self.step, disabled=not self.main)
+        processes = f"{self.world} process{'es' if self.world > 1 else ''}"
+        threads = f"{self.threads} thread{'s' if self.threads > 1 else ''}"
+        self.say(
+            f"training: {self.total_steps} steps of {self.group} x {c.batch_size} examples "
+            f"({self.num_batches} batches per epoch, {processes}, {threads} each)"
+        )
+        if self.resume_from is None and c.eval_every:
+            # The starting point of the eval curve: the base with the fresh (no-op) adapter.
+            self._evaluate_and_log()
+        self.task.model.train()
+        self.batches = _micro_batches(self.task, self.position)
+        self.started = time.perf_counter()
 
-    def checkpoint(at_step: int, pos, last_loss: float | None):
-        rngs = gather_object([capture_rng_state()]) if world > 1 else [capture_rng_state()]
-        if main:
-            state = {
-                "step": at_step,
-                "data_position": list(pos),
-                "total_steps": total_steps,
-                "tokens": tokens_seen,
-                "world_size": world,
-                "trainable": {
-                    n: p.detach().cpu().clone() for n, p in unwrapped.named_parameters() if p.requires_grad
-                },
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
-                "rng": rngs,
-                "extra": task.extra_state(),
-                "config": config_to_dict(config),
-            }
-            info = {"epoch": _epoch_float(pos, num_batches), "data_position": list(pos), "loss": last_loss}
-            path = save_checkpoint(
-                out, at_step, state, save_adapter=task.save_adapter, info=info, keep_last=config.keep_last
+    # -- one optimizer step ------------------------------------------------------------------------
+
+    def train_step(self, stop: StopRequest) -> _Step:
+        """One optimizer step over the next `group` micro-batches, of which this process takes every
+        world-th one (the data position advances past all of them on every process)."""
+        t0 = time.perf_counter()
+        step_batches = [next(self.batches) for _ in range(self.group)]
+        position = _advance(step_batches[-1][0], self.num_batches)
+        # accumulate: forward and backward of this process's micro-batches; .grad sums loss x n
+        mine = [batch for _, batch in step_batches[self.rank :: self.world]]
+        loss_sum, items, tokens = self._accumulate(mine)
+        loss, items, tokens, stop_requested = self._reduce(loss_sum, items, tokens, stop.requested)
+        if not math.isfinite(loss):
+            raise self._not_finite("loss", loss, position)
+        # backward done: the summed gradient becomes the mean over every item of the step (DDP has
+        # averaged it over processes already, hence the factor world)
+        for p in self.params:
+            if p.grad is not None:
+                p.grad.mul_(self.world / items)
+        # clip
+        grad_norm = self._clip_gradients()
+        if not math.isfinite(grad_norm) and self.accelerator.scaler is None:
+            raise self._not_finite("gradient norm", grad_norm, position)
+        # step
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        # zero
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step, self.position, self.last_loss = self.step + 1, position, loss
+        self.tokens_seen += tokens
+        throughput = self._count(loss, items, tokens, time.perf_counter() - t0)
+        return _Step(loss, lr, grad_norm, throughput, stop_requested)
+
+    def _accumulate(self, batches: list) -> tuple[torch.Tensor, int, int]:
+        """Loss x items summed over `batches` (float64), the items and the input tokens."""
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        items = tokens = 0
+        for k, batch in enumerate(batches):
+            # Only the last micro-batch of the step all-reduces gradients (DDP's no_sync before it).
+            loss, n = self._loss_step(batch, sync=k == len(batches) - 1 or self.world == 1)
+            loss_sum += loss.double().cpu() * n
+            items += n
+            counted = self.task.input_tokens(batch)
+            tokens += n if counted is None else int(counted)
+        return loss_sum, items, tokens
+
+    def _loss_step(self, batch, sync: bool) -> tuple[torch.Tensor, int]:
+        """Forward and backward of one micro-batch: (its mean loss, detached, and its item count)."""
+        with contextlib.nullcontext() if sync else self.accelerator.no_sync(self.task.model):
+            with self.accelerator.autocast():
+                loss, n = self.task.loss(batch)
+            n = int(n)
+            if n <= 0:
+                raise UserError("task.loss returned a batch with no loss items (n = 0)")
+            # Backward the *sum* over items; dividing by the step's total makes the update the exact
+            # mean over every item of the step, whatever the batch sizes.
+            self.accelerator.backward(loss * n)
+        return loss.detach(), n
+
+    def _reduce(self, loss_sum, items: int, tokens: int, stop: bool) -> tuple[float, int, int, bool]:
+        """The step's mean loss, items and tokens over all processes, and whether any must stop."""
+        totals = torch.stack(
+            [
+                loss_sum,
+                torch.tensor(float(items), dtype=torch.float64),
+                torch.tensor(float(tokens), dtype=torch.float64),
+                torch.tensor(float(stop), dtype=torch.float64),
+            ]
+        ).to(self.accelerator.device)
+        if self.world > 1:
+            totals = self.accelerator.reduce(totals, reduction="sum")
+        loss = (totals[0] / totals[1]).item()
+        return loss, int(totals[1].item()), int(totals[2].item()), totals[3].item() > 0
+
+    def _clip_gradients(self) -> float:
+        """Clips to config.max_grad_norm (0: no clipping); returns the norm before clipping."""
+        if self.config.max_grad_norm > 0:
+            norm = self.accelerator.clip_grad_norm_(self.params, self.config.max_grad_norm)
+        else:
+            norm = torch.linalg.vector_norm(
+                torch.stack([p.grad.norm() for p in self.params if p.grad is not None])
             )
-            progress.write(f"checkpoint: {path}")
-        accelerator.wait_for_everyone()
+        return float(norm)
 
-    def run_eval() -> float | None:
-        value = None
-        if main:
-            unwrapped.eval()
-            with torch.no_grad():
-                value = task.eval_loss()
-            unwrapped.train()
-        accelerator.wait_for_everyone()
-        return value
+    def _count(self, loss: float, items: int, tokens: int, elapsed: float) -> float:
+        """Adds the step to the metrics window and the progress bar; returns the window's throughput."""
+        self.step_time += elapsed
+        w = self.window
+        w.loss += loss * items
+        w.items += items
+        w.tokens += tokens
+        w.time += elapsed
+        throughput = w.tokens / w.time if w.time else 0.0
+        unit = self.task.throughput_unit
+        self.progress.set_postfix({"loss": f"{loss:.4f}", f"{unit}/s": f"{throughput:,.0f}"}, refresh=False)
+        self.progress.update(1)
+        return throughput
 
-    def run_sample(at_step: int):
-        if main:
-            unwrapped.eval()
-            with torch.no_grad():
-                task.sample(at_step, out / "samples")
-            unwrapped.train()
-        accelerator.wait_for_everyone()
-
-    # -- the loop ----------------------------------------------------------------------------------
-    say(
-        f"training: {total_steps} steps of {group} x {config.batch_size} examples "
-        f"({num_batches} batches per epoch, {world} process{'es' if world > 1 else ''}, {threads} thread{'s' if threads > 1 else ''} each)"
-    )
-    if resume_from is None and config.eval_every:
-        # The starting point of the eval curve: the base with the fresh (no-op) adapter.
-        before = run_eval()
-        if main and before is not None:
-            metrics.log(0, dict(epoch=0.0, eval_loss=before))
-            progress.write(f"step 0: eval loss {before:.4f}")
-    task.model.train()
-    batches = _micro_batches(task, position, num_batches)
-    interrupted = False
-    last_loss = last_eval = None
-    window = {"loss": 0.0, "n": 0, "tokens": 0, "time": 0.0}  # since the last metrics row
-    started = time.perf_counter()
-    step_time = 0.0
-    saved_at = evaluated_at = sampled_at = -1
-    try:
-        while step < total_steps:
-            t0 = time.perf_counter()
-            # One optimizer step = `group` consecutive micro-batches; this process takes every
-            # world-th one. Data position advances past all of them on every process.
-            step_batches = [next(batches) for _ in range(group)]
-            mine = step_batches[rank::world]
-            loss_sum = torch.zeros((), dtype=torch.float64)
-            n_total = input_total = 0
-            for k, (_, batch) in enumerate(mine):
-                # Only the last micro-batch of the step all-reduces gradients (DDP's no_sync).
-                sync = k == len(mine) - 1 or world == 1
-                with contextlib.nullcontext() if sync else accelerator.no_sync(task.model):
-                    with accelerator.autocast():
-                        loss, n = task.loss(batch)
-                    n = int(n)
-                    if n <= 0:
-                        raise UserError("task.loss returned a batch with no loss items (n = 0)")
-                    # Backward the *sum* over items; dividing by the step's total below makes the
-                    # update the exact mean over every token of the step, whatever the batch sizes.
-                    accelerator.backward(loss * n)
-                loss_sum += loss.detach().double().cpu() * n
-                n_total += n
-                input_total += int(task.input_tokens(batch)) if hasattr(task, "input_tokens") else n
-            position = _advance(step_batches[-1][0], num_batches)
-
-            totals = torch.stack(
-                [
-                    loss_sum,
-                    torch.tensor(float(n_total), dtype=torch.float64),
-                    torch.tensor(float(input_total), dtype=torch.float64),
-                    torch.tensor(float(stop_requested["flag"]), dtype=torch.float64),
-                ]
-            ).to(accelerator.device)
-            if world > 1:
-                totals = accelerator.reduce(totals, reduction="sum")
-            step_loss = (totals[0] / totals[1]).item()
-            global_items, global_tokens = int(totals[1].item()), int(totals[2].item())
-            if not math.isfinite(step_loss):
-                raise _not_finite("loss", step_loss, step + 1, position, num_batches, out)
-
-            # DDP averaged the gradient over processes; turn the sum into the mean over all items.
-            scale = world / global_items
-            for p in params:
-                if p.grad is not None:
-                    p.grad.mul_(scale)
-            if config.max_grad_norm > 0:
-                grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
-            else:
-                grad_norm = torch.linalg.vector_norm(
-                    torch.stack([p.grad.norm() for p in params if p.grad is not None])
-                )
-            grad_norm = float(grad_norm)
-            if not math.isfinite(grad_norm) and accelerator.scaler is None:
-                raise _not_finite("gradient norm", grad_norm, step + 1, position, num_batches, out)
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            tokens_seen += global_tokens
-            last_loss = step_loss
-
-            elapsed = time.perf_counter() - t0
-            step_time += elapsed
-            window["loss"] += step_loss * global_items
-            window["n"] += global_items
-            window["tokens"] += global_tokens
-            window["time"] += elapsed
-            tps = window["tokens"] / window["time"] if window["time"] else 0.0
-            progress.set_postfix({"loss": f"{step_loss:.4f}", f"{unit}/s": f"{tps:,.0f}"}, refresh=False)
-            progress.update(1)
-
-            final = step == total_steps
-            if main and (step % config.log_every == 0 or final):
-                metrics.log(
-                    step,
-                    dict(
-                        epoch=_epoch_float(position, num_batches),
-                        loss=window["loss"] / window["n"],
-                        lr=lr,
-                        grad_norm=grad_norm,
-                        tokens=tokens_seen,
-                        tokens_per_s=tps,
-                        elapsed_s=time.perf_counter() - started,
-                    ),
-                )
-                window = {"loss": 0.0, "n": 0, "tokens": 0, "time": 0.0}
-            if (config.eval_every and step % config.eval_every == 0) or final:
-                last_eval = run_eval()
-                evaluated_at = step
-                if main and last_eval is not None:
-                    metrics.log(step, dict(epoch=_epoch_float(position, num_batches), eval_loss=last_eval))
-                    progress.write(f"step {step}: eval loss {last_eval:.4f}")
-            if (config.sample_every and step % config.sample_every == 0) or final:
-                run_sample(step)
-                sampled_at = step
-            if (config.save_every and step % config.save_every == 0) or final:
-                checkpoint(step, position, last_loss)
-                saved_at = step
-            if totals[3].item() > 0 and not final:
-                interrupted = True
-                break
-    except KeyboardInterrupt:
-        # A second Ctrl-C (or no handler): the current step is abandoned, its gradients dropped; the
-        # weights are as after the last completed step, which is what we save.
-        interrupted = True
-        optimizer.zero_grad(set_to_none=True)
-    finally:
-        _restore_interrupt_handlers(previous_handlers)
-        progress.close()
-        if metrics is not None:
-            metrics.close()
-
-    if interrupted:
-        if saved_at != step and step > 0:
-            checkpoint(step, position, last_loss)
-        if main:
-            print(
-                f"interrupted at step {step}/{total_steps}; checkpoint saved. Continue with: --resume latest "
-                f"(newest checkpoint: {find_latest(out)})"
-            )
-        return TrainResult(
-            None,
-            step,
-            total_steps,
-            last_loss,
-            last_eval,
-            interrupted=True,
-            elapsed_s=time.perf_counter() - started,
-            tokens=tokens_seen,
-            step_time_s=step_time,
+    def _not_finite(self, what: str, value: float, position) -> LossNotFinite:
+        latest = find_latest(self.out)
+        where = (
+            f"the last good checkpoint is {latest} (resume with --resume latest)"
+            if latest
+            else "no checkpoint was written yet"
+        )
+        return LossNotFinite(
+            f"{what} is {value} at step {self.step + 1} (epoch {_epoch_float(position, self.num_batches)}); "
+            f"stopped before updating the weights; {where}. Try a lower learning_rate, a smaller "
+            "max_grad_norm, or mixed_precision no."
         )
 
-    # A run resumed from its last checkpoint has nothing left to do but write the outputs.
-    if evaluated_at != step:
-        last_eval = run_eval()
-    if sampled_at != step:
-        run_sample(step)
-    if saved_at != step and step > 0:
-        checkpoint(step, position, last_loss)
-    adapter_dir = out / "adapter"
-    history = []
-    if main:
-        task.save_adapter(adapter_dir)
-        history = read_metrics(out / METRICS_NAME)
-        draw_loss_curve(history, out / "loss.png")
-    accelerator.wait_for_everyone()
-    return TrainResult(
-        adapter_dir,
-        step,
-        total_steps,
-        last_loss,
-        last_eval,
-        elapsed_s=time.perf_counter() - started,
-        tokens=tokens_seen,
-        step_time_s=step_time,
-        history=history,
-    )
+    # -- after a step: metrics, eval, samples, checkpoint ------------------------------------------
+
+    def after_step(self, done: _Step) -> None:
+        c, step = self.config, self.step
+        final = step == self.total_steps
+        if self.main and (step % c.log_every == 0 or final):
+            w = self.window
+            row = dict(
+                epoch=_epoch_float(self.position, self.num_batches),
+                loss=w.loss / w.items,
+                lr=done.lr,
+                grad_norm=done.grad_norm,
+                tokens=self.tokens_seen,
+                tokens_per_s=done.throughput,
+                elapsed_s=time.perf_counter() - self.started,
+            )
+            self.metrics.log(step, row)
+            self.window = _Window()
+        if (c.eval_every and step % c.eval_every == 0) or final:
+            self.last_eval = self._evaluate_and_log()
+        if (c.sample_every and step % c.sample_every == 0) or final:
+            self.write_samples()
+        if (c.save_every and step % c.save_every == 0) or final:
+            self.checkpoint()
+
+    def evaluate(self) -> float | None:
+        """The task's eval loss (computed by the main process; the others wait)."""
+        value = None
+        if self.main:
+            self.unwrapped.eval()
+            with torch.no_grad():
+                value = self.task.eval_loss()
+            self.unwrapped.train()
+        self.accelerator.wait_for_everyone()
+        self.evaluated_at = self.step
+        return value
+
+    def _evaluate_and_log(self) -> float | None:
+        value = self.evaluate()
+        if self.main and value is not None:
+            epoch = _epoch_float(self.position, self.num_batches)
+            self.metrics.log(self.step, dict(epoch=epoch, eval_loss=value))
+            self.progress.write(f"step {self.step}: eval loss {value:.4f}")
+        return value
+
+    def write_samples(self) -> None:
+        if self.main:
+            self.unwrapped.eval()
+            with torch.no_grad():
+                self.task.sample(self.step, self.out / "samples")
+            self.unwrapped.train()
+        self.accelerator.wait_for_everyone()
+        self.sampled_at = self.step
+
+    def checkpoint(self) -> None:
+        """Saves ``checkpoints/step-N`` (main process; every process contributes its RNG states)."""
+        from accelerate.utils import gather_object
+
+        rngs = gather_object([capture_rng_state()]) if self.world > 1 else [capture_rng_state()]
+        if self.main:
+            scaler = self.accelerator.scaler
+            state = {
+                "step": self.step,
+                "data_position": list(self.position),
+                "total_steps": self.total_steps,
+                "tokens": self.tokens_seen,
+                "world_size": self.world,
+                "trainable": {
+                    n: p.detach().cpu().clone()
+                    for n, p in self.unwrapped.named_parameters()
+                    if p.requires_grad
+                },
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "rng": rngs,
+                "extra": self.task.extra_state(),
+                "config": config_to_dict(self.config),
+            }
+            info = {
+                "epoch": _epoch_float(self.position, self.num_batches),
+                "data_position": list(self.position),
+                "loss": self.last_loss,
+            }
+            path = save_checkpoint(
+                self.out,
+                self.step,
+                state,
+                save_adapter=self.task.save_adapter,
+                info=info,
+                keep_last=self.config.keep_last,
+            )
+            self.progress.write(f"checkpoint: {path}")
+        self.accelerator.wait_for_everyone()
+        self.saved_at = self.step
+
+    # -- finish ------------------------------------------------------------------------------------
+
+    def abandon_step(self) -> None:
+        """A second Ctrl-C (or no handler) interrupted a step: its gradients are dropped; the weights
+        are as after the last completed step, which is what gets saved."""
+        self.interrupted = True
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def close_outputs(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+        if self.metrics is not None:
+            self.metrics.close()
+
+    def stop_early(self) -> TrainResult:
+        """After an interruption: a checkpoint of the last completed step, and how to continue."""
+        if self.saved_at != self.step and self.step > 0:
+            self.checkpoint()
+        if self.main:
+            print(
+                f"interrupted at step {self.step}/{self.total_steps}; checkpoint saved. Continue with: "
+                f"--resume latest (newest checkpoint: {find_latest(self.out)})"
+            )
+        return self._result(None, interrupted=True)
+
+    def finish(self) -> TrainResult:
+        """The final eval, samples and checkpoint (unless the last step made them), the adapter and
+        the loss curve. A run resumed from its last checkpoint only does this."""
+        if self.evaluated_at != self.step:
+            self.last_eval = self.evaluate()
+        if self.sampled_at != self.step:
+            self.write_samples()
+        if self.saved_at != self.step and self.step > 0:
+            self.checkpoint()
+        adapter_dir = self.out / "adapter"
+        history = []
+        if self.main:
+            self.task.save_adapter(adapter_dir)
+            history = read_metrics(self.out / METRICS_NAME)
+            draw_loss_curve(history, self.out / "loss.png")
+        self.accelerator.wait_for_everyone()
+        return self._result(adapter_dir, history=history)
+
+    def _result(self, adapter_dir: Path | None, interrupted: bool = False, history=()) -> TrainResult:
+        return TrainResult(
+            adapter_dir,
+            self.step,
+            self.total_steps,
+            self.last_loss,
+            self.last_eval,
+            interrupted=interrupted,
+            elapsed_s=time.perf_counter() - self.started,
+            tokens=self.tokens_seen,
+            step_time_s=self.step_time,
+            history=list(history),
+            output_dir=self.out,
+            checkpoint=find_latest(self.out),
+            checkpoints=[path for _, path in list_checkpoints(self.out)],
+            task=self.task,
+        )
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -476,7 +574,7 @@ def _adamw(groups, config):
     return torch.optim.AdamW(groups, **kwargs)
 
 
-def _micro_batches(task, position, num_batches):
+def _micro_batches(task: Task, position):
     """((epoch, index), batch) forever, from `position` on, epoch after epoch."""
     epoch, index = position
     while True:
@@ -494,66 +592,6 @@ def _epoch_float(pos, num_batches) -> float:
     return round(pos[0] + pos[1] / num_batches, 4)
 
 
-def _not_finite(what, value, step, position, num_batches, out) -> LossNotFinite:
-    latest = find_latest(out)
-    where = (
-        f"the last good checkpoint is {latest} (resume with --resume latest)"
-        if latest
-        else "no checkpoint was written yet"
-    )
-    return LossNotFinite(
-        f"{what} is {value} at step {step} (epoch {_epoch_float(position, num_batches)}); stopped before updating the "
-        f"weights; {where}. Try a lower learning_rate, a smaller max_grad_norm, or mixed_precision no."
-    )
-
-
-def _enable_gradient_checkpointing(task):
-    if hasattr(task, "enable_gradient_checkpointing"):
-        task.enable_gradient_checkpointing()
-        return
-    enable_activation_checkpointing(task.model)
-
-
-def enable_activation_checkpointing(model) -> None:
-    """Turns on a transformers model's activation (gradient) checkpointing, non-reentrant: that kind
-    works with frozen inputs (no need to make the embeddings require grad)."""
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    elif hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    else:
-        raise UserError("gradient_checkpointing: this model does not support it")
-
-
-def _install_interrupt_handlers(flag: dict):
-    """First Ctrl-C (or SIGTERM): finish the current step, checkpoint, exit. Second Ctrl-C: at once."""
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return None
-
-    def handler(signum, frame):
-        if flag["flag"] and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        flag["flag"] = True
-        print("\nstopping after this step (Ctrl-C again to stop at once)...", flush=True)
-
-    previous = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            previous[sig] = signal.signal(sig, handler)
-        except (ValueError, OSError):
-            pass
-    return previous
-
-
-def _restore_interrupt_handlers(previous):
-    for sig, old in (previous or {}).items():
-        with contextlib.suppress(ValueError, OSError):
-            signal.signal(sig, old)
-
-
 def _progress(config, total_steps, initial, disabled):
     from tqdm.auto import tqdm
 
@@ -565,122 +603,3 @@ def _progress(config, total_steps, initial, disabled):
         dynamic_ncols=True,
         desc="train",
     )
-
-
-class _Metrics:
-    """metrics.csv (one row per log or eval) and TensorBoard events. Resuming drops rows past the checkpoint."""
-
-    def __init__(self, out: Path, resume_step: int | None, tensorboard: bool):
-        out.mkdir(parents=True, exist_ok=True)
-        self.path = out / METRICS_NAME
-        rows = read_metrics(self.path) if resume_step is not None else []
-        rows = [r for r in rows if r["step"] <= resume_step] if resume_step is not None else []
-        with open(self.path, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=METRIC_COLUMNS)
-            writer.writeheader()
-            for r in rows:
-                writer.writerow({k: ("" if r.get(k) is None else r[k]) for k in METRIC_COLUMNS})
-        self.file = open(self.path, "a", newline="")  # noqa: SIM115 - closed in close()
-        self.writer = csv.DictWriter(self.file, fieldnames=METRIC_COLUMNS)
-        self.tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=resume_step)
-            except ImportError:
-                print("note: tensorboard is not installed; metrics go to metrics.csv only")
-
-    def log(self, step: int, values: dict[str, float]):
-        row = {"step": step, **values}
-        self.writer.writerow({k: ("" if row.get(k) is None else _fmt(row[k])) for k in METRIC_COLUMNS})
-        self.file.flush()
-        if self.tb is not None:
-            for key, value in values.items():
-                if value is not None and key != "epoch":
-                    tag = "eval/loss" if key == "eval_loss" else f"train/{key}"
-                    self.tb.add_scalar(tag, value, step)
-
-    def close(self):
-        self.file.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
-def _fmt(value):
-    return f"{value:.6g}" if isinstance(value, float) else value
-
-
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a metrics.csv as dicts of floats (step as int; missing values None)."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    rows = []
-    with open(path, newline="") as fh:
-        for raw in csv.DictReader(fh):
-            row: dict[str, Any] = {}
-            for key, value in raw.items():
-                row[key] = None if value in ("", None) else float(value)
-            row["step"] = int(row["step"])
-            rows.append(row)
-    return rows
-
-
-def draw_loss_curve(rows: list[dict[str, Any]], path: str | Path, size=(800, 450)) -> Path | None:
-    """Train (blue) and eval (orange) loss against step, drawn with PIL. Returns the path, or None without data."""
-    from PIL import Image, ImageDraw
-
-    train_pts = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
-    eval_pts = [(r["step"], r["eval_loss"]) for r in rows if r.get("eval_loss") is not None]
-    pts = train_pts + eval_pts
-    if not pts:
-        return None
-    width, height = size
-    left, right, top, bottom = 70, 20, 30, 50
-    img = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(img)
-    x_lo, x_hi = 0, max(s for s, _ in pts) or 1
-    y_lo, y_hi = min(v for _, v in pts), max(v for _, v in pts)
-    if y_hi - y_lo < 1e-9:
-        y_lo, y_hi = y_lo - 0.5, y_hi + 0.5
-    pad = 0.05 * (y_hi - y_lo)
-    y_lo, y_hi = y_lo - pad, y_hi + pad
-
-    def xy(step, value):
-        x = left + (step - x_lo) / (x_hi - x_lo) * (width - left - right)
-        y = top + (y_hi - value) / (y_hi - y_lo) * (height - top - bottom)
-        return x, y
-
-    # Axes, ticks and grid.
-    draw.rectangle([left, top, width - right, height - bottom], outline="black")
-    for i in range(6):
-        value = y_lo + (y_hi - y_lo) * i / 5
-        _, y = xy(0, value)
-        draw.line([left, y, width - right, y], fill=(225, 225, 225))
-        draw.text((5, y - 6), f"{value:.3g}", fill="black")
-        step = x_lo + (x_hi - x_lo) * i / 5
-        x, _ = xy(step, y_lo)
-        draw.line([x, height - bottom, x, height - bottom + 4], fill="black")
-        draw.text((x - 10, height - bottom + 8), f"{step:.0f}", fill="black")
-    draw.text((width // 2 - 15, height - 20), "step", fill="black")
-    draw.text((left, 8), "loss", fill="black")
-    for pts_, color, label, offset in (
-        (train_pts, (31, 119, 180), "train", 0),
-        (eval_pts, (255, 127, 14), "eval", 1),
-    ):
-        if not pts_:
-            continue
-        coords = [xy(s, v) for s, v in pts_]
-        if len(coords) > 1:
-            draw.line(coords, fill=color, width=2)
-        for x, y in coords if len(coords) < 40 or label == "eval" else []:
-            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
-        lx = width - right - 120
-        ly = top + 10 + 18 * offset
-        draw.line([lx, ly + 6, lx + 25, ly + 6], fill=color, width=3)
-        draw.text((lx + 32, ly), f"{label} loss", fill="black")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
-    return path

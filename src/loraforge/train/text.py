@@ -1,8 +1,16 @@
 """`loraforge train`: LoRA fine-tuning of a causal language model.
 
     loraforge train                                   # the embedded tiny-llama on the example task
-    loraforge train --config run.yaml --learning_rate 5e-4 --max_steps 300
+    loraforge train --config run.yaml --learning-rate 5e-4 --max-steps 300 --out runs/mine
     accelerate launch --num_processes 2 -m loraforge.cli train ...   # or torchrun; DDP, rank 0 writes
+
+From Python, the same run::
+
+    from loraforge import LoraConfig
+    from loraforge.train.text import TextTrainConfig, train_text
+
+    result = train_text(TextTrainConfig(max_steps=20, lora=LoraConfig(r=4, lora_alpha=8)))
+    result.adapter_dir, result.train_loss, result.eval_loss
 
 The run reads a YAML config (optional) and command-line overrides (see `examples/train_text.yaml`
 or `loraforge train --help`), checks the data before loading any model, trains with the shared loop
@@ -13,6 +21,7 @@ or `loraforge train --help`), checks the data before loading any model, trains w
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import shlex
 import sys
@@ -24,8 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loraforge.data.text import IGNORE, DataError, Scan, TextDataset, prompt_and_reference, scan_text_file
-from loraforge.errors import UserError
+from loraforge.data.text import IGNORE, Scan, TextDataset, prompt_and_reference, scan_text_file
 from loraforge.kernels import checkpointing
 from loraforge.runtime import load_text_model
 from loraforge.train.config import (
@@ -33,8 +41,11 @@ from loraforge.train.config import (
     add_config_arguments,
     config_from_args,
     config_to_yaml,
+    resolve_config,
     save_config,
 )
+from loraforge.train.loop import TrainResult
+from loraforge.train.task import Task
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples" / "text"
 EXAMPLE_TRAIN = EXAMPLES_DIR / "train.jsonl"
@@ -202,8 +213,8 @@ def resolve_data(config: TextTrainConfig) -> tuple[Path, Path | None]:
     return data, eval_data
 
 
-class TextTask:
-    """The `Task` (see loraforge.train.loop) of causal-LM LoRA fine-tuning."""
+class TextTask(Task):
+    """The `Task` (see loraforge.train.task) of causal-LM LoRA fine-tuning."""
 
     def __init__(self, config: TextTrainConfig, log=print):
         self.config = config
@@ -220,7 +231,7 @@ class TextTask:
     # -- Task interface ----------------------------------------------------------------------------
 
     def build(self, accelerator):
-        from loraforge import LoraConfig, get_lora_model
+        from loraforge import get_lora_model
 
         c = self.config
         self.accelerator = accelerator
@@ -231,11 +242,9 @@ class TextTask:
         model, self.tokenizer = load_text_model(c.base, c.dtype, c.trust_remote_code)
         model.config.use_cache = False
         model.to(accelerator.device)
-        lora_config = LoraConfig(
-            r=c.lora_r,
-            lora_alpha=c.lora_alpha,
-            lora_dropout=c.lora_dropout,
-            target_modules=c.target_modules or default_target_modules(model),
+        lora_config = dataclasses.replace(
+            c.lora,
+            target_modules=c.lora.target_modules or default_target_modules(model),
             task_type="CAUSAL_LM",
             base_model_name_or_path=c.base,
         )
@@ -246,7 +255,7 @@ class TextTask:
         targets = ", ".join(targets) if isinstance(targets, list) else targets
         say(
             f"model: {c.base} ({type(model).__name__}, {total - trainable:,} parameters); "
-            f"adapter r={c.lora_r} on {targets}: {trainable:,} trainable"
+            f"adapter r={c.lora.r} on {targets}: {trainable:,} trainable"
         )
         self.train_set = TextDataset(
             self.train_scan, self.tokenizer, c.max_length, c.train_on, c.packing, c.seed, c.group_by_length
@@ -335,35 +344,56 @@ def generate_text(model, tokenizer, prompt_ids: list[int], max_new_tokens: int =
     return tokenizer.decode(out[0, input_ids.shape[1] :], skip_special_tokens=True)
 
 
+# -- Python API ------------------------------------------------------------------------------------
+
+
+def train_text(config: TextTrainConfig | None = None, /, **overrides) -> TrainResult:
+    """Fine-tunes a causal language model with LoRA: `loraforge train` from Python.
+
+    `config` defaults to `TextTrainConfig()`; `overrides` are config keys as in the YAML file
+    (`max_steps=200`, `lora={"r": 16}`, the older `lora_r=16` ...) applied on top of it. The config is
+    validated and the data read and checked before any model loads: bad input raises a `UserError`
+    naming the key, or the file and line. The resolved config is saved as
+    ``<output_dir>/train_config.yaml``; the adapter (PEFT's format) goes to `result.adapter_dir`.
+    Prints what the training prints (data report, progress, eval losses); nothing else.
+    """
+    from accelerate import PartialState
+
+    from loraforge.train.loop import train
+
+    config = resolve_config(TextTrainConfig, config, overrides)
+    task = TextTask(config)  # reads and checks the data
+    if PartialState(cpu=not torch.cuda.is_available()).is_main_process:
+        save_config(config, Path(config.output_dir) / CONFIG_NAME)
+    return train(task, config)
+
+
 # -- command line ----------------------------------------------------------------------------------
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.epilog = "Every flag is also a YAML key; see examples/train_text.yaml."
-    add_config_arguments(parser, TextTrainConfig)
+    add_config_arguments(parser, TextTrainConfig, example="examples/train_text.yaml")
 
 
 def run(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
-    from loraforge.train.loop import train
-
     config = config_from_args(TextTrainConfig, args)
-    try:
-        task = TextTask(config)
-    except DataError as e:
-        raise UserError(str(e)) from e
-    state = PartialState(cpu=not torch.cuda.is_available())
-    out = Path(config.output_dir)
-    if state.is_main_process:
+    main = PartialState(cpu=not torch.cuda.is_available()).is_main_process
+    if main:
         print("resolved config:\n  " + config_to_yaml(config).strip().replace("\n", "\n  "))
-        save_config(config, out / CONFIG_NAME)
-    result = train(task, config)
-    if not state.is_main_process:
-        return 130 if result.interrupted else 0
+    result = train_text(config)
     if result.interrupted:
         return 130
-    adapter = result.adapter_dir
+    if main:
+        print(_summary(result, config))
+        sys.stdout.flush()
+    return 0
+
+
+def _summary(result: TrainResult, config: TextTrainConfig) -> str:
+    """The closing lines: losses, where everything went, and how to use the adapter."""
+    out, adapter, task = Path(config.output_dir), result.adapter_dir, result.task
     summary = [
         f"done: {result.steps} steps in {result.elapsed_s:.0f}s ({result.tokens:,} tokens); final train loss "
         f"{result.train_loss:.4f}"
@@ -389,9 +419,7 @@ def run(args: argparse.Namespace) -> int:
         "  python: from transformers import AutoModelForCausalLM; from peft import PeftModel; "
         f"model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({base_path!r}), {str(adapter)!r})"
     )
-    print("\n".join(summary))
-    sys.stdout.flush()
-    return 0
+    return "\n".join(summary)
 
 
 def _example_prompt(task: TextTask) -> str:
