@@ -146,7 +146,8 @@ def run_hf(args) -> dict:
 
     from loraforge.bases import resolve_base
     from loraforge.data.text import IGNORE, scan_text_file, tokenize_records
-    from loraforge.train.text import EXAMPLE_TRAIN, load_tokenizer
+    from loraforge.runtime import load_tokenizer
+    from loraforge.train.text import EXAMPLE_TRAIN
 
     if args.threads:
         torch.set_num_threads(args.threads)

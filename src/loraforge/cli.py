@@ -59,10 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         prog=f"loraforge {command}", description=COMMANDS[command][2], allow_abbrev=False
     )
     add_arguments(command_parser)
-    try:
-        args = command_parser.parse_args(dash_spellings(command_parser, argv[1:]))
-    except SystemExit as e:  # --help (0) or a usage error, already printed (2)
-        return e.code if isinstance(e.code, int) else 2
+    args = command_parser.parse_args(dash_spellings(command_parser, argv[1:]))  # usage error: exit 2
     try:
         return run(args) or 0
     except UserError as e:  # bad input: one line. Anything else is a bug: its traceback, exit status 1.
