@@ -10,17 +10,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from loraforge.formats.diffusers import (
-    EMBEDS_NAME,
-    INFO_NAME,
-    WEIGHTS_NAME,
-    ImageLora,
-    ModuleLora,
-    apply,
-    detect_format,
-    read_diffusers,
-    read_image_lora,
-)
+from loraforge.formats import detect_format, read_image_lora
+from loraforge.formats.diffusers import EMBEDS_NAME, INFO_NAME, WEIGHTS_NAME, read_diffusers
+from loraforge.formats.image_lora import ImageLora, ModuleLora, apply
 from loraforge.formats.kohya import key_map, read_kohya, save_kohya
 from loraforge.runtime import PipelineAdapters, apply_adapters, load_pipeline
 
