@@ -253,7 +253,9 @@ class LoraModel(nn.Module):
 
         ``bias="lora_only"``: the biases of the layers it adapts; ``"all"``: every bias of the base model
         except those inside its modules_to_save (their copies are saved whole); ``"none"``: none.
-        `targets` are the modules its LoRA layers sit on (default: those `config` selects)."""
+        `targets` are the modules its LoRA layers sit on (default: those `config` selects). Paths are
+        PEFT's: a bias of an adapted layer is ``<path>.base_layer.bias``, as in a model that carries only
+        this adapter."""
         if config.bias == "none":
             return {}
         targets = set(self.find_targets(config) if targets is None else targets)
@@ -263,7 +265,9 @@ class LoraModel(nn.Module):
             module, _, leaf = name.rpartition(".")
             if not leaf.endswith("bias") or any(name.startswith(c + ".") for c in copies):
                 continue
-            if module in targets or config.bias == "all":
+            if module in targets:
+                out[f"{module}.base_layer.{leaf}"] = p
+            elif config.bias == "all":
                 out[name] = p
         return out
 

@@ -2,12 +2,16 @@
 
 Keys are ``base_model.model.<module path>.lora_A.weight`` / ``.lora_B.weight`` (embeddings:
 ``.lora_embedding_A`` / ``.lora_embedding_B``, stored without ``.weight``); trained copies of
-`modules_to_save` are stored under the module's own path, e.g. ``base_model.model.score.weight``.
+`modules_to_save` are stored under the module's own path, e.g. ``base_model.model.score.weight``;
+trained biases (``bias="lora_only"``/``"all"``) under the parameter's path in a PEFT model, so an
+adapted layer's bias is ``base_model.model.<module path>.base_layer.bias`` (``<module path>.bias`` is
+read too: older loraforge versions wrote it so).
 The adapter name never appears in a key: one file holds one adapter.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -22,6 +26,7 @@ PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 
 
+WRAPPER_COPY = re.compile(r"\.(original_module|modules_to_save)\.")
 LORA_SUFFIXES = {
     ".lora_A.weight": 0,
     ".lora_B.weight": 1,
@@ -82,11 +87,17 @@ def read_adapter(
 def split_tensors(
     tensors: dict[str, torch.Tensor], where: str = "adapter"
 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]:
-    """PEFT's keys -> ({module path: (A, B)}, {path: other tensor}), without the ``base_model.model.`` prefix."""
+    """PEFT's keys -> ({module path: (A, B)}, {path: other tensor}), without the ``base_model.model.`` prefix.
+
+    With ``bias="all"`` PEFT also saves a modules_to_save module's biases under its wrapper's names
+    (``<module>.original_module.bias``: the untouched original; ``<module>.modules_to_save.bias``: a
+    second copy of ``<module>.bias``); those are skipped."""
     pairs: dict[str, list] = {}
     others = {}
     for key, tensor in tensors.items():
         key = key.removeprefix(PREFIX)
+        if WRAPPER_COPY.search(key):
+            continue
         suffix = next((s for s in LORA_SUFFIXES if key.endswith(s)), None)
         if suffix is None:
             others[key] = tensor
