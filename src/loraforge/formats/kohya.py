@@ -7,6 +7,8 @@ Keys are the module path with every ``.`` turned into ``_``, behind a component 
     lora_unet_..._to_q.alpha                                                                  () scalar
     lora_te_text_model_encoder_layers_0_self_attn_q_proj....     text encoder (SD 1.x / 2.x)
     lora_te1_... / lora_te2_...                                  SDXL's two text encoders
+    lora_te1_encoder_layers_0_self_attn_q_proj....               no ``text_model_`` (read only): diffusers'
+                                                                 converter on transformers 5's CLIPTextModel
 
 The update is ``alpha / r * up @ down``; a missing alpha means alpha = r. Convolutions keep their
 kernel in ``lora_down`` (``(r, in, kh, kw)``) and a 1x1 ``lora_up``.
@@ -29,7 +31,13 @@ import torch
 from torch import nn
 
 from loraforge.errors import UserError
-from loraforge.formats.image_lora import ImageLora, ModuleLora, canonical_name
+from loraforge.formats.image_lora import (
+    TEXT_COMPONENTS,
+    TEXT_MODEL_PREFIX,
+    ImageLora,
+    ModuleLora,
+    canonical_name,
+)
 from loraforge.formats.io import Header, load_tensors, save_tensors
 
 KOHYA_NAME = "lora.safetensors"
@@ -156,8 +164,14 @@ def key_map(components: dict[str, nn.Module]) -> dict[str, tuple[str, str]]:
         names = [canonical_name(component, inner, n) for n in _adaptable_names(inner)]
         prefixes = [PREFIXES[component]] + ([SDXL_TE1_PREFIX] if component == "text_encoder" else [])
         for name in names:
-            for prefix in prefixes:
-                mapping[prefix + name.replace(".", "_")] = (component, name)
+            # Text encoders: also without `text_model.`, as files converted from transformers 5's
+            # flattened CLIPTextModel spell them (diffusers' convert_state_dict_to_kohya).
+            spellings = (
+                {name, name.removeprefix(TEXT_MODEL_PREFIX)} if component in TEXT_COMPONENTS else {name}
+            )
+            for spelling in spellings:
+                for prefix in prefixes:
+                    mapping[prefix + spelling.replace(".", "_")] = (component, name)
         if component == "unet":
             for name, sgm in sgm_unet_names(inner).items():
                 mapping.setdefault(PREFIXES["unet"] + sgm.replace(".", "_"), (component, name))
