@@ -10,6 +10,7 @@ merged = model.merge_and_unload()              # plain base model with W' = W + 
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 from pathlib import Path
 
@@ -17,9 +18,9 @@ import torch
 from torch import nn
 
 from loraforge.config import LoraConfig, name_matches
-from loraforge.errors import UserError
+from loraforge.errors import IncompatibleAdapter, UserError
 from loraforge.kernels import checkpointing, fused_gated_mlp, gated_mlps, patched_forwards
-from loraforge.layers import LoraLayer, TrainableCopy, is_gpt2_conv1d, supported, wrap
+from loraforge.layers import LoraEmbedding, LoraLayer, TrainableCopy, is_gpt2_conv1d, supported, wrap
 
 BASE_ROW = "__base__"  # adapter name meaning "no adapter" for a row of a mixed batch
 
@@ -110,27 +111,33 @@ class LoraModel(nn.Module):
     def _trainable_copies(self) -> list[TrainableCopy]:
         return [m for m in self.model.modules() if isinstance(m, TrainableCopy)]
 
-    def _plain_modules(self):
-        """(name, module) of the base model as the user knows it: wrappers count as their base layer."""
-        inner = set()
-        for _, m in self.model.named_modules():
-            if isinstance(m, LoraLayer | TrainableCopy):
-                inner.update(id(x) for x in m.modules() if x is not m)
-        for name, m in self.model.named_modules():
-            if id(m) in inner or not name:
-                continue
-            if isinstance(m, LoraLayer):
-                yield name, m.base_layer
-            elif isinstance(m, TrainableCopy):
-                yield name, m.original_module
-            else:
-                yield name, m
+    def base_modules(self):
+        """(name, module) of the base model as the user knows it: LoRA wrappers count as their base layer,
+        modules_to_save copies as their original module (nothing inside either is listed)."""
+        return base_modules(self.model)
+
+    def base_parameters(self):
+        """(name, parameter) of the base model under the names it has without any wrapper (no LoRA
+        matrices, no modules_to_save copies)."""
+        return base_parameters(self.model)
+
+    def adapter_layers(self, adapter_name: str) -> list[tuple[str, LoraLayer]]:
+        """(module path, LoRA layer) of every layer that holds adapter `adapter_name`."""
+        return [(n, m) for n, m in self._named_lora_layers() if adapter_name in m.lora_A]
+
+    def adapter_copies(self, adapter_name: str) -> list[tuple[str, nn.Module]]:
+        """(module path, trained copy) of every modules_to_save module of adapter `adapter_name`."""
+        return [
+            (n, m.modules_to_save[adapter_name])
+            for n, m in self.model.named_modules()
+            if isinstance(m, TrainableCopy) and adapter_name in m.modules_to_save
+        ]
 
     def find_targets(self, config: LoraConfig) -> list[str]:
         """Names of the modules `config` adapts in this model; an error if there are none."""
         head = self._output_head_name()
         targets, unsupported = [], []
-        for name, module in self._plain_modules():
+        for name, module in self.base_modules():
             if not _targeted(name, module, config, head):
                 continue
             if config.modules_to_save and any(name_matches(name, k) for k in config.modules_to_save):
@@ -145,7 +152,7 @@ class LoraModel(nn.Module):
                 f"Embedding, GPT-2 Conv1D): {', '.join(unsupported[:5])}"
             )
         if not targets:
-            sample = sorted({name.split(".")[-1] for name, m in self._plain_modules() if supported(m)})
+            sample = sorted({name.split(".")[-1] for name, m in self.base_modules() if supported(m)})
             raise UserError(
                 f"target_modules={config.target_modules!r} matched no module of {type(self.model).__name__}. "
                 f"Adaptable module names in this model include: {', '.join(sample[:25])}"
@@ -155,7 +162,7 @@ class LoraModel(nn.Module):
     def _output_head_name(self) -> str | None:
         get = getattr(self.model, "get_output_embeddings", None)
         head = get() if callable(get) else None
-        for name, module in self._plain_modules():
+        for name, module in self.base_modules():
             if module is head:
                 return name
         return None
@@ -175,25 +182,9 @@ class LoraModel(nn.Module):
         """Adds a new adapter (not yet active). The model is unchanged if this raises."""
         if not isinstance(config, LoraConfig):
             raise TypeError(f"config must be a LoraConfig, got {type(config).__name__}")
-        if (
-            not isinstance(adapter_name, str)
-            or not adapter_name
-            or "." in adapter_name
-            or adapter_name == BASE_ROW
-        ):
-            raise UserError(
-                f"invalid adapter name {adapter_name!r}: a non-empty string without dots, not {BASE_ROW!r}"
-            )
-        if adapter_name in self.peft_config:
-            raise UserError(
-                f"an adapter named {adapter_name!r} already exists; pick another name or delete it"
-            )
-        if hasattr(nn.ParameterDict(), adapter_name):
-            raise UserError(
-                f"invalid adapter name {adapter_name!r}: it clashes with a torch.nn.Module attribute"
-            )
+        self._check_new_name(adapter_name)
         targets = self.find_targets(config)
-        save_names = self._find_modules_to_save(config)
+        save_names = self.modules_to_save_for(config)
         for name in targets:
             module = self._module(name)
             if not isinstance(module, LoraLayer):
@@ -225,17 +216,179 @@ class LoraModel(nn.Module):
         self.peft_config[adapter_name] = config
         self._mark_trainable()
 
-    def _find_modules_to_save(self, config: LoraConfig) -> list[str]:
+    def _check_new_name(self, adapter_name: str):
+        if (
+            not isinstance(adapter_name, str)
+            or not adapter_name
+            or "." in adapter_name
+            or adapter_name == BASE_ROW
+        ):
+            raise UserError(
+                f"invalid adapter name {adapter_name!r}: a non-empty string without dots, not {BASE_ROW!r}"
+            )
+        if adapter_name in self.peft_config:
+            raise UserError(
+                f"an adapter named {adapter_name!r} already exists; pick another name or delete it"
+            )
+        if hasattr(nn.ParameterDict(), adapter_name):
+            raise UserError(
+                f"invalid adapter name {adapter_name!r}: it clashes with a torch.nn.Module attribute"
+            )
+
+    def modules_to_save_for(self, config: LoraConfig) -> list[str]:
+        """Paths of the modules `config` trains in full (its modules_to_save); an error if it names some
+        and none matches."""
         if not config.modules_to_save:
             return []
-        found = [
-            n for n, _ in self._plain_modules() if any(name_matches(n, k) for k in config.modules_to_save)
-        ]
+        found = [n for n, _ in self.base_modules() if any(name_matches(n, k) for k in config.modules_to_save)]
         # Keep only outermost matches (a head and its own children would otherwise both be copied).
         found = [n for n in found if not any(n.startswith(o + ".") for o in found if o != n)]
         if not found:
             raise UserError(f"modules_to_save={config.modules_to_save!r} matched no module")
         return found
+
+    def trained_biases(self, config: LoraConfig, targets: list[str] | None = None) -> dict[str, nn.Parameter]:
+        """The base model's biases that an adapter with `config` trains, by the path its adapter file
+        stores each under. This is the one bias rule, used for training, saving and loading.
+
+        ``bias="lora_only"``: the biases of the layers it adapts; ``"all"``: every bias of the base model
+        except those inside its modules_to_save (their copies are saved whole); ``"none"``: none.
+        `targets` are the modules its LoRA layers sit on (default: those `config` selects). Paths are
+        PEFT's: a bias of an adapted layer is ``<path>.base_layer.bias``, as in a model that carries only
+        this adapter."""
+        if config.bias == "none":
+            return {}
+        targets = set(self.find_targets(config) if targets is None else targets)
+        copies = self.modules_to_save_for(config)
+        out = {}
+        for name, p in self.base_parameters():
+            module, _, leaf = name.rpartition(".")
+            if not leaf.endswith("bias") or any(name.startswith(c + ".") for c in copies):
+                continue
+            if module in targets:
+                out[f"{module}.base_layer.{leaf}"] = p
+            elif config.bias == "all":
+                out[name] = p
+        return out
+
+    def add_adapter_with_weights(
+        self,
+        adapter_name: str,
+        config: LoraConfig,
+        lora_weights: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        other_tensors: dict[str, torch.Tensor] | None = None,
+        where: str = "adapter",
+    ):
+        """Adds adapter `adapter_name` with `config` and the given tensors, as one step: everything is
+        checked before the model changes, and if copying fails the adapter is removed again and every
+        base tensor it overwrote is restored.
+
+        Args:
+            lora_weights: module path (as `base_modules` names it) -> (A, B), for exactly the modules
+                `config` selects. A linear layer and a 1x1 convolution hold the same matrix, so either
+                shape is accepted for both.
+            other_tensors: the adapter's other trained tensors, by path: biases (see `trained_biases`),
+                modules_to_save (``<module>.<parameter>``, copied into this adapter's copy) and full
+                embedding matrices (``<embedding>.weight``), which are base weights shared by all adapters.
+                The parameters of an adapted layer may be spelled with or without ``.base_layer``.
+            where: how error messages name the adapter (e.g. ``"adapter in runs/x"``).
+        """
+        self._check_new_name(adapter_name)
+        modules = dict(self.base_modules())
+        for name in lora_weights:
+            if name not in modules:
+                raise IncompatibleAdapter(
+                    f"{where} does not fit this model: {name!r} has no matching module (the model has no "
+                    "module of that name; is the adapter for another base model?)"
+                )
+            if not supported(modules[name]):
+                raise IncompatibleAdapter(
+                    f"{where}: {name} is a {type(modules[name]).__name__}, which LoRA cannot adapt"
+                )
+        targets = self.find_targets(config)
+        missing = [n for n in targets if n not in lora_weights]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise IncompatibleAdapter(
+                f"{where} does not fit this model: its config selects {missing[0]!r}{more}, "
+                "but it has no LoRA weights for it"
+            )
+        extra = sorted(set(lora_weights) - set(targets))
+        if extra:
+            raise IncompatibleAdapter(
+                f"{where} does not fit this model: it has LoRA weights for {extra[0]!r}, which its config "
+                "does not select here"
+            )
+        lora = {}
+        for name in targets:
+            current = self._module(name)
+            layer = current if isinstance(current, LoraLayer) else wrap(modules[name])
+            r = config.rank_for(name)
+            a_key, b_key = _lora_keys(name, layer)
+            A, B = lora_weights[name]
+            lora[name] = (_fit(A, layer.a_shape(r), where, a_key), _fit(B, layer.b_shape(r), where, b_key))
+        slots = self._tensor_slots(config, targets)
+        others = {}
+        for file_key, tensor in (other_tensors or {}).items():
+            key = _unwrapped(file_key)
+            if key not in slots:
+                raise IncompatibleAdapter(
+                    f"{where} does not fit this model: {file_key!r} has no matching module or parameter "
+                    "(is the adapter for another base model?)"
+                )
+            shape = tuple(slots[key][-1])
+            if tuple(tensor.shape) != shape:
+                raise IncompatibleAdapter(
+                    f"{where} does not fit this model: {file_key!r} has shape {tuple(tensor.shape)} but the "
+                    f"model needs {shape}"
+                )
+            others[key] = tensor
+        base = {key: slots[key][1] for key in others if slots[key][0] == "base"}
+        backup = {key: p.detach().clone() for key, p in base.items()}
+        self.add_adapter(adapter_name, config)
+        try:
+            with torch.no_grad():
+                for name, (A, B) in lora.items():
+                    layer = self._module(name)
+                    layer.lora_A[adapter_name].copy_(A)
+                    layer.lora_B[adapter_name].copy_(B)
+                for key, tensor in others.items():
+                    kind, target, _ = slots[key]
+                    if kind == "base":
+                        target.copy_(tensor)
+                    else:
+                        module, pname = target
+                        copy = self._module(module).modules_to_save[adapter_name]
+                        copy.state_dict()[pname].copy_(tensor)
+        except BaseException:
+            with torch.no_grad():
+                for key, p in base.items():
+                    p.copy_(backup[key])
+            self.delete_adapter(adapter_name)
+            raise
+
+    def _tensor_slots(self, config: LoraConfig, targets: list[str]) -> dict[str, tuple]:
+        """Path (without ``.base_layer``) -> ("base", parameter, shape) or ("copy", (module, name in its
+        state), shape): where each non-LoRA tensor of an adapter with `config` (LoRA on `targets`) goes."""
+        slots: dict[str, tuple] = {}
+        for key, p in self.trained_biases(config, targets).items():
+            slots[_unwrapped(key)] = ("base", p, p.shape)
+        modules = dict(self.base_modules())
+        # Targeted embedding matrices, and the model's input/output embeddings, may be stored in full
+        # (PEFT does when they were resized).
+        embeddings = [n for n in targets if isinstance(modules[n], nn.Embedding)]
+        for getter in ("get_input_embeddings", "get_output_embeddings"):
+            get = getattr(self.model, getter, None)
+            module = get() if callable(get) else None
+            embeddings += [n for n, m in modules.items() if module is not None and m is module]
+        for name in embeddings:
+            weight = getattr(modules[name], "weight", None)
+            if isinstance(weight, nn.Parameter):
+                slots[f"{name}.weight"] = ("base", weight, weight.shape)
+        for name in self.modules_to_save_for(config):
+            for pname, t in modules[name].state_dict().items():
+                slots[f"{name}.{pname}"] = ("copy", (name, pname), t.shape)
+        return slots
 
     def _check_exists(self, name: str):
         if name not in self.peft_config:
@@ -282,11 +435,13 @@ class LoraModel(nn.Module):
         for copy in self._trainable_copies():
             for name, module in copy.modules_to_save.items():
                 module.requires_grad_(name in active)
-        biases = {c.bias for n in active for c in [self.peft_config[n]] if c.bias != "none"}
-        for name, p in self.model.named_parameters():
-            if name.endswith("bias") and "lora_" not in name and "modules_to_save" not in name:
-                in_lora = ".base_layer." in name
-                p.requires_grad_("all" in biases or ("lora_only" in biases and in_lora))
+        trained = set()
+        for name in active:
+            targets = [n for n, _ in self.adapter_layers(name)]
+            trained.update(id(p) for p in self.trained_biases(self.peft_config[name], targets).values())
+        for name, p in self.base_parameters():
+            if name.endswith("bias"):
+                p.requires_grad_(id(p) in trained)
 
     @contextlib.contextmanager
     def disable_adapter(self):
@@ -432,6 +587,63 @@ class LoraModel(nn.Module):
 def get_lora_model(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> LoraModel:
     """Puts a new adapter on `model` (frozen) and returns the `LoraModel` driving it."""
     return LoraModel(model, config, adapter_name)
+
+
+def base_modules(model: nn.Module):
+    """(name, module) of `model` as the user knows it: a LoRA wrapper counts as its base layer, a
+    modules_to_save wrapper as its original module, and nothing inside either is listed."""
+    inner = set()
+    for _, m in model.named_modules():
+        if isinstance(m, LoraLayer | TrainableCopy):
+            inner.update(id(x) for x in m.modules() if x is not m)
+    for name, m in model.named_modules():
+        if id(m) in inner or not name:
+            continue
+        if isinstance(m, LoraLayer):
+            yield name, m.base_layer
+        elif isinstance(m, TrainableCopy):
+            yield name, m.original_module
+        else:
+            yield name, m
+
+
+def base_parameters(model: nn.Module, prefix: str = ""):
+    """(name, parameter) of `model`'s base weights under their names without wrappers: no LoRA
+    matrices, no modules_to_save copies (their original modules' parameters are listed)."""
+    if isinstance(model, LoraLayer):
+        yield from base_parameters(model.base_layer, prefix)
+        return
+    if isinstance(model, TrainableCopy):
+        yield from base_parameters(model.original_module, prefix)
+        return
+    for name, p in model.named_parameters(recurse=False):
+        yield prefix + name, p
+    for name, child in model.named_children():
+        yield from base_parameters(child, f"{prefix}{name}.")
+
+
+def _unwrapped(key: str) -> str:
+    """A parameter path without the LoRA wrapper's ``.base_layer`` (``x.base_layer.bias`` -> ``x.bias``)."""
+    return key.replace(".base_layer.", ".")
+
+
+def _lora_keys(name: str, layer: LoraLayer) -> tuple[str, str]:
+    """How error messages name a layer's A and B (PEFT's key names)."""
+    if isinstance(layer, LoraEmbedding):
+        return f"{name}.lora_embedding_A", f"{name}.lora_embedding_B"
+    return f"{name}.lora_A.weight", f"{name}.lora_B.weight"
+
+
+def _fit(tensor: torch.Tensor, shape: tuple[int, ...], where: str, key: str) -> torch.Tensor:
+    if tuple(tensor.shape) == tuple(shape):
+        return tensor
+    # A 1x1 convolution and a linear layer hold the same matrix; files disagree on which they store.
+    if tensor.numel() == math.prod(shape) and tuple(tensor.shape[:2]) == tuple(shape[:2]):
+        return tensor.reshape(shape)
+    raise IncompatibleAdapter(
+        f"{where} does not fit this model: {key} has shape {tuple(tensor.shape)} but the model needs "
+        f"{tuple(shape)}"
+    )
 
 
 def _layer_index(name: str, pattern) -> int | None:

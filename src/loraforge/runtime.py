@@ -299,7 +299,7 @@ def size_step(pipe) -> int:
 
 def text_models(pipe) -> list[tuple[str, object, object]]:
     """(component, tokenizer, text encoder) for each text encoder of the pipeline."""
-    from loraforge.formats.diffusers import TEXT_COMPONENTS
+    from loraforge.formats.image_lora import TEXT_COMPONENTS
 
     out = []
     for component in TEXT_COMPONENTS:
@@ -356,7 +356,7 @@ class PipelineAdapters:
     """loraforge LoRA wrappers on a pipeline's UNet and text encoders, and the adapters loaded on them."""
 
     def __init__(self, pipe):
-        from loraforge.formats.diffusers import COMPONENTS
+        from loraforge.formats.image_lora import COMPONENTS
         from loraforge.model import LoraModel
 
         self.pipe = pipe
@@ -370,7 +370,8 @@ class PipelineAdapters:
     def load(self, spec: AdapterSpec | str, name: str | None = None) -> LoadedAdapter:
         """Reads an image adapter in any supported format and adds it (not yet active). On failure the
         pipeline is left as it was."""
-        from loraforge.formats.diffusers import apply, read_image_lora
+        from loraforge.formats import read_image_lora
+        from loraforge.formats.image_lora import apply
 
         spec = parse_adapter_spec(spec)
         path = locate_adapter(spec)

@@ -15,15 +15,14 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from loraforge import flags
 from loraforge.bases import EMBEDDED_BASES
 from loraforge.combine import METHODS
-from loraforge.config import CONFIG_NAME
 from loraforge.errors import UserError
-from loraforge.formats.peft import PREFIX, WEIGHTS_NAME, read_adapter
+from loraforge.formats import describe
+from loraforge.formats.peft import PREFIX, read_adapter
 from loraforge.runtime import adapter_name, describe_base, load_text, parse_adapter_specs
 
 # -- bases -----------------------------------------------------------------------------------------
@@ -225,110 +224,8 @@ def inspect_arguments(parser):
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
 
-# Layer names that end in a number or contain "_" (kohya flattens module paths with "_").
-_KNOWN_SUFFIXES = (
-    "to_out.0",
-    "ff.net.0.proj",
-    "ff.net.2",
-    "proj_in",
-    "proj_out",
-    "conv_shortcut",
-    "time_emb_proj",
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "out_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-    "to_q",
-    "to_k",
-    "to_v",
-)
-
-
-def _module_suffix(module: str, fmt: str) -> str:
-    """The layer name that target_modules would use for a module path (e.g. `to_out.0`)."""
-    flat = module.replace(".", "_")
-    for known in _KNOWN_SUFFIXES:
-        if module.endswith("." + known) or (fmt == "kohya" and flat.endswith("_" + known.replace(".", "_"))):
-            return known
-    parts = module.split("_" if fmt == "kohya" else ".")
-    return ".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
-
-
-def describe(path: Path) -> dict:
-    """Reads an adapter's header and config (not its tensors) and summarises it.
-
-    Reads PEFT directories, diffusers / loraforge image adapters (`pytorch_lora_weights.safetensors`
-    with `adapter_info.json` and learned token embeddings) and single kohya / diffusers files.
-    """
-    from loraforge.formats import diffusers as image_files
-
-    if path.is_dir():
-        named = [path / WEIGHTS_NAME, path / image_files.WEIGHTS_NAME]
-        others = [p for p in sorted(path.glob("*.safetensors")) if p.name != image_files.EMBEDS_NAME]
-        weights = next((c for c in [*named, *others] if c.exists()), None)
-        if weights is None:
-            raise UserError(f"no .safetensors adapter file in {path}")
-    else:
-        weights = path
-    if not weights.exists():
-        raise UserError(f"no such file: {weights}")
-    config_path = weights.parent / CONFIG_NAME
-    config = json.loads(config_path.read_text()) if config_path.exists() else {}
-    info_path = weights.parent / image_files.INFO_NAME
-    info = json.loads(info_path.read_text()) if info_path.exists() else {}
-    try:
-        with safe_open(str(weights), "pt") as f:
-            keys = list(f.keys())
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
-            dtypes = sorted({str(f.get_slice(k).get_dtype()) for k in keys})
-            metadata = f.metadata() or {}
-            kohya_alphas = sorted({float(f.get_tensor(k)) for k in keys if k.endswith(".alpha")})
-    except Exception as e:
-        raise UserError(f"{weights} is not a readable safetensors file: {e}") from e
-    if any("lora_down" in k for k in keys):
-        fmt, down = "kohya", "lora_down"
-    elif any(k.startswith(("unet.", "text_encoder", "transformer.")) for k in keys):
-        fmt, down = "diffusers", "lora_A"
-    else:
-        fmt, down = "peft", "lora_A"
-    a_keys = [k for k in keys if down in k or "lora_embedding_A" in k]
-    ranks = sorted({shapes[k][0] for k in a_keys})
-    modules = sorted({k.removeprefix(PREFIX).split(".lora")[0] for k in a_keys})
-    suffixes = sorted({_module_suffix(m, fmt) for m in modules})
-    n_params = sum(int(torch.Size(s).numel()) for k, s in shapes.items() if not k.endswith(".alpha"))
-    alpha = config.get("lora_alpha", info.get("alpha"))
-    if alpha is None and kohya_alphas:
-        alpha = kohya_alphas[0] if len(kohya_alphas) == 1 else kohya_alphas
-    if alpha is None and image_files.METADATA_KEY in metadata:
-        peft_meta = json.loads(metadata[image_files.METADATA_KEY])
-        alpha = next((v for k, v in peft_meta.items() if k.endswith("lora_alpha")), None)
-    tokens = []
-    embeds = weights.parent / image_files.EMBEDS_NAME
-    if path.is_dir() and embeds.exists():
-        tokens = list(image_files.load_embeddings(embeds)[0])
-    return {
-        "path": str(weights),
-        "format": fmt,
-        "rank": ranks[0] if len(ranks) == 1 else ranks,
-        "lora_alpha": alpha,
-        "use_rslora": config.get("use_rslora", False),
-        "targets": suffixes,
-        "adapted_modules": len(modules),
-        "parameters": n_params,
-        "dtypes": dtypes,
-        "file_size_bytes": weights.stat().st_size,
-        "base_model": config.get("base_model_name_or_path") or info.get("base") or metadata.get("base_model"),
-        "task_type": config.get("task_type"),
-        "learned_tokens": tokens,
-    }
-
-
 def inspect_run(args) -> int:
-    info = describe(Path(args.path))
+    info = describe(args.path)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0

@@ -218,3 +218,99 @@ def test_file_without_prefix_is_accepted(tmp_path, ids):
     )
     loaded = LoraModel.from_pretrained(model.unload(), tmp_path)
     torch.testing.assert_close(loaded(ids).logits, expected)
+
+
+BIAS_CASES = {
+    # No task type: PEFT would add the classifier to modules_to_save for SEQ_CLS.
+    "bert-lora_only": (tiny_bert_classifier, dict(target_modules=["query", "value"]), None, "lora_only"),
+    "bert-all-head": (
+        tiny_bert_classifier,
+        dict(target_modules=["query", "value"], modules_to_save=["classifier"]),
+        "SEQ_CLS",
+        "all",
+    ),
+    "gpt2-lora_only": (tiny_gpt2, dict(target_modules=["c_attn"]), "CAUSAL_LM", "lora_only"),
+    "gpt2-all": (tiny_gpt2, dict(target_modules=["c_attn", "c_fc"]), "CAUSAL_LM", "all"),
+}
+
+
+def perturb_trained(model):
+    """Moves everything the adapter trains (LoRA, trained biases, trained copies) away from its start."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+
+
+@pytest.mark.parametrize("case", list(BIAS_CASES))
+def test_trained_biases_written_here_load_in_peft(case, tmp_path):
+    build, kwargs, task, bias = BIAS_CASES[case]
+    torch.manual_seed(3)
+    ours = get_lora_model(build(), LoraConfig(r=4, lora_alpha=8, task_type=task, bias=bias, **kwargs))
+    perturb_trained(ours)
+    x = inputs()
+    expected = ours(**x).logits
+    ours.save_pretrained(tmp_path)
+    keys = set(load_file(tmp_path / "adapter_model.safetensors"))
+    adapted = "base_model.model." + (
+        "bert.encoder.layer.0.attention.self.query" if "bert" in case else "transformer.h.0.attn.c_attn"
+    )
+    assert f"{adapted}.base_layer.bias" in keys and f"{adapted}.bias" not in keys  # PEFT's spelling
+    torch.manual_seed(3)
+    base = build()
+    peft_model = PeftModel.from_pretrained(base, tmp_path)
+    got = peft_model(**x).logits
+    assert (got - expected).abs().max().item() <= 1e-5
+    with torch.no_grad():
+        untrained = build()
+    assert (untrained(**x).logits - expected).abs().max().item() > 1e-3  # the biases matter
+
+
+@pytest.mark.parametrize("case", list(BIAS_CASES))
+def test_trained_biases_written_by_peft_load_here(case, tmp_path):
+    build, kwargs, task, bias = BIAS_CASES[case]
+    torch.manual_seed(4)
+    peft_model = get_peft_model(
+        build(), PeftLoraConfig(r=4, lora_alpha=8, task_type=task, bias=bias, **kwargs)
+    )
+    perturb_trained(peft_model)
+    x = inputs()
+    expected = peft_model(**x).logits
+    peft_model.save_pretrained(tmp_path)
+    assert any(k.endswith(".base_layer.bias") for k in load_file(tmp_path / "adapter_model.safetensors"))
+    torch.manual_seed(4)
+    ours = LoraModel.from_pretrained(build(), tmp_path)
+    assert (ours(**x).logits - expected).abs().max().item() <= 1e-5
+    # ... and a file from before this fix (biases under `<path>.bias`) still loads the same way.
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    save_file(
+        {k.replace(".base_layer.bias", ".bias"): v for k, v in tensors.items()},
+        tmp_path / "adapter_model.safetensors",
+    )
+    torch.manual_seed(4)
+    old = LoraModel.from_pretrained(build(), tmp_path)
+    assert (old(**x).logits - expected).abs().max().item() <= 1e-5
+
+
+def test_failed_load_restores_the_biases_it_overwrote(tmp_path, monkeypatch):
+    torch.manual_seed(5)
+    ours = get_lora_model(tiny_bert_classifier(), LoraConfig(target_modules=["query"], bias="all"))
+    perturb_trained(ours)
+    ours.save_pretrained(tmp_path)
+    fresh = LoraModel(tiny_bert_classifier())
+    before = snapshot(fresh)
+    calls = []
+
+    def failing_copy(self, src, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 20:  # once, after some base biases were written
+            raise KeyboardInterrupt
+        return original(self, src, *args, **kwargs)
+
+    original = torch.Tensor.copy_
+    monkeypatch.setattr(torch.Tensor, "copy_", failing_copy)
+    with pytest.raises(KeyboardInterrupt):
+        fresh.load_adapter(tmp_path)
+    monkeypatch.undo()
+    assert_unchanged(fresh, before)
+    assert fresh.peft_config == {}

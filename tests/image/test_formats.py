@@ -10,17 +10,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from loraforge.formats.diffusers import (
-    EMBEDS_NAME,
-    INFO_NAME,
-    WEIGHTS_NAME,
-    ImageLora,
-    ModuleLora,
-    apply,
-    detect_format,
-    read_diffusers,
-    read_image_lora,
-)
+from loraforge.formats import detect_format, read_image_lora
+from loraforge.formats.diffusers import EMBEDS_NAME, INFO_NAME, WEIGHTS_NAME, read_diffusers
+from loraforge.formats.image_lora import ImageLora, ModuleLora, apply
 from loraforge.formats.kohya import key_map, read_kohya, save_kohya
 from loraforge.runtime import PipelineAdapters, apply_adapters, load_pipeline
 
@@ -214,6 +206,43 @@ def test_kohya_sdxl_sgm_names_map_like_diffusers(tiny_sdxl, tmp_path):
     theirs.set_progress_bar_config(disable=True)
     theirs.load_lora_weights(str(tmp_path), weight_name="sdxl.safetensors")
     base = _np_image(load_pipeline(tiny_sdxl), "a square")
+    a, b = _np_image(ours, "a square"), _np_image(theirs, "a square")
+    assert np.abs(a - base).max() > 1e-3
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("prefix", ["lora_te1_", "lora_te_"])
+def test_kohya_text_encoder_names_without_text_model(tiny_sd, tmp_path, prefix):
+    """diffusers' `convert_state_dict_to_kohya`, given the PEFT state dict of transformers 5's flattened
+    CLIPTextModel, names text-encoder modules without `text_model` (``lora_te1_encoder_layers_0_...``;
+    other tools write ``lora_te_encoder_layers_0_...``). diffusers loads them; so does loraforge, the same."""
+    from diffusers.utils import convert_state_dict_to_kohya
+
+    theirs = _diffusers_pipe(tiny_sd)
+    torch.manual_seed(0)
+    state = {}
+    for name, module in theirs.text_encoder.named_modules():
+        if name.endswith(("q_proj", "k_proj", "v_proj", "out_proj")):
+            state[f"text_encoder.{name}.lora_A.weight"] = torch.randn(2, module.in_features) * 0.5
+            state[f"text_encoder.{name}.lora_B.weight"] = torch.randn(module.out_features, 2) * 0.5
+    unet_module = "mid_block.attentions.0.transformer_blocks.0.attn2.to_k"
+    to_k = theirs.unet.get_submodule(unet_module)
+    state[f"unet.{unet_module}.lora_A.weight"] = torch.randn(2, to_k.in_features) * 0.5
+    state[f"unet.{unet_module}.lora_B.weight"] = torch.randn(to_k.out_features, 2) * 0.5
+    tensors = {k.replace("lora_te1_", prefix): v for k, v in convert_state_dict_to_kohya(state).items()}
+    assert f"{prefix}encoder_layers_0_self_attn_k_proj.lora_down.weight" in tensors
+    path = tmp_path / "converted.safetensors"
+    save_file(tensors, path)
+    assert detect_format(path) == "kohya"
+
+    ours = load_pipeline(tiny_sd)
+    base = _np_image(ours, "a square")
+    adapters = apply_adapters(ours, [(str(path), 1.0)])
+    assert (
+        "text_model.encoder.layers.1.self_attn.out_proj"
+        in adapters.adapters[0].lora.components["text_encoder"]
+    )
+    theirs.load_lora_weights(str(tmp_path), weight_name=path.name)
     a, b = _np_image(ours, "a square"), _np_image(theirs, "a square")
     assert np.abs(a - base).max() > 1e-3
     np.testing.assert_allclose(a, b, atol=1e-5)

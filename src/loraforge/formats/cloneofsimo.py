@@ -22,14 +22,15 @@ base is an error, not a silent mismatch.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from loraforge.errors import UserError
-from loraforge.formats.diffusers import ImageLora, ModuleLora, canonical_name
-from loraforge.formats.io import load_tensors
+from loraforge.formats.image_lora import ImageLora, ModuleLora, canonical_name
+from loraforge.formats.io import Header, load_tensors, save_tensors
 
 EMBED_FLAG = "<embed>"
 
@@ -128,8 +129,6 @@ def save_cloneofsimo(
 
     `classes` gives each component's ancestor class list, e.g. ``{"unet": ["Attention", "GEGLU"]}``;
     every layer under them must have an update in `lora`."""
-    from loraforge.formats.io import save_tensors
-
     tensors, meta = {}, {}
     for component, modules in lora.components.items():
         model = getattr(components[component], "model", components[component])
@@ -147,3 +146,41 @@ def save_cloneofsimo(
     path = Path(path)
     save_tensors(tensors, path, metadata=meta)
     return path
+
+
+# -- detection and inspection ----------------------------------------------------------------------
+
+_KEY = re.compile(r"^[A-Za-z_]\w*:\d+:(up|down)$")
+
+
+def detect(header: Header) -> bool:
+    """A lora_diffusion file: numbered ``<model>:<i>:up|down`` keys (or only tokens flagged ``<embed>``)."""
+    keys = header.keys
+    if any(_KEY.match(k) for k in keys):
+        return True
+    return bool(keys) and all(header.metadata.get(k) == EMBED_FLAG for k in keys)
+
+
+def header_modules(header: Header) -> dict[str, int]:
+    """``<model>:<i>`` -> rank (the metadata's, else the down matrix's first dimension)."""
+    out = {}
+    for key, shape in header.shapes.items():
+        if _KEY.match(key) and key.endswith(":down"):
+            module = key[: -len(":down")]
+            out[module] = int(header.metadata.get(f"{module}:rank", shape[0]))
+    return out
+
+
+def header_tokens(header: Header) -> list[str]:
+    return [k for k in header.keys if header.metadata.get(k) == EMBED_FLAG]
+
+
+def header_classes(header: Header) -> list[str]:
+    """The class names whose layers were adapted, over all components (from the metadata)."""
+    classes = set()
+    for component in {k.split(":")[0] for k in header.keys if _KEY.match(k)}:
+        try:
+            classes.update(json.loads(header.metadata.get(component, "[]")))
+        except (json.JSONDecodeError, TypeError):
+            continue
+    return sorted(classes)

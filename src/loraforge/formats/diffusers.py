@@ -1,10 +1,4 @@
-"""Stable Diffusion adapters: a format-neutral form, and diffusers' LoRA files.
-
-Every image adapter format (diffusers, kohya, cloneofsimo) reads into and writes from `ImageLora`:
-per pipeline component (``unet``, ``text_encoder``, ``text_encoder_2``) a map from module path
-(diffusers' names, e.g. ``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q``) to the
-module's down (A: ``(r, in, *kernel)``) and up (B: ``(out, r, *ones)``) matrices and its alpha (the
-update is ``alpha / r * B @ A``), plus learned token embeddings (pivotal tuning) in token order.
+"""diffusers' LoRA files, read into and written from `ImageLora` (see `image_lora`).
 
 diffusers' files, as ``StableDiffusionPipeline.save_lora_weights`` writes them::
 
@@ -32,185 +26,27 @@ from __future__ import annotations
 
 import json
 import math
-import re
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from loraforge.config import LoraConfig
 from loraforge.errors import NotFound, UserError
-from loraforge.formats.io import load_tensors, save_json, save_tensors
+from loraforge.formats.image_lora import (
+    COMPONENTS,
+    TEXT_COMPONENTS,
+    TEXT_MODEL_PREFIX,
+    ImageLora,
+    ModuleLora,
+    config_for,
+)
+from loraforge.formats.io import Header, load_tensors, save_json, save_tensors
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 EMBEDS_NAME = "learned_embeds.safetensors"
 INFO_NAME = "adapter_info.json"
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
-TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
 # Textual-inversion keys for the two CLIP encoders of SDXL (the de-facto format of SDXL embeddings).
 CLIP_KEYS = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
 METADATA_KEY = "lora_adapter_metadata"
-
-
-@dataclass
-class ModuleLora:
-    """One module's update: ``alpha / r * up @ down`` with r = down.shape[0]."""
-
-    down: torch.Tensor
-    up: torch.Tensor
-    alpha: float
-
-    @property
-    def rank(self) -> int:
-        return int(self.down.shape[0])
-
-
-@dataclass
-class ImageLora:
-    """A Stable Diffusion adapter, independent of file format."""
-
-    components: dict[str, dict[str, ModuleLora]] = field(default_factory=dict)
-    tokens: list[str] = field(default_factory=list)
-    embeddings: dict[str, torch.Tensor] = field(default_factory=dict)  # component -> (len(tokens), dim)
-    info: dict = field(default_factory=dict)
-
-    def num_modules(self) -> int:
-        return sum(len(m) for m in self.components.values())
-
-
-# -- module names ---------------------------------------------------------------------------------
-# transformers 5 flattened `CLIPTextModel` (its modules lost the `text_model.` prefix that
-# `CLIPTextModelWithProjection` and every LoRA file in the wild still have). Files always use the
-# prefixed ("canonical") names; they are translated to and from the model's own names here.
-
-TEXT_MODEL_PREFIX = "text_model."
-
-
-def _flat_text_model(component: str | None, model) -> bool:
-    model = getattr(model, "model", model) if type(model).__name__ == "LoraModel" else model
-    return (
-        component in TEXT_COMPONENTS
-        and type(model).__name__.startswith("CLIPText")
-        and not hasattr(model, "text_model")
-    )
-
-
-def canonical_name(component: str | None, model, name: str) -> str:
-    """The module path as files spell it."""
-    if _flat_text_model(component, model) and not name.startswith(TEXT_MODEL_PREFIX):
-        return TEXT_MODEL_PREFIX + name
-    return name
-
-
-def model_name(component: str | None, model, name: str) -> str:
-    """The module path in this model for a name as files spell it."""
-    if _flat_text_model(component, model) and name.startswith(TEXT_MODEL_PREFIX):
-        return name[len(TEXT_MODEL_PREFIX) :]
-    return name
-
-
-# -- between LoraModel and ImageLora ----------------------------------------------------------------
-
-
-def extract(lora_model, adapter_name: str, component: str | None = None) -> dict[str, ModuleLora]:
-    """The adapter `adapter_name` of a `LoraModel` (pipeline component `component`) as ModuleLora
-    entries under the names files use.
-
-    The effective alpha is written (scaling x r), so rsLoRA adapters read back with the same scale."""
-    from loraforge.layers import LoraEmbedding, LoraLayer
-
-    out = {}
-    for name, layer in lora_model.model.named_modules():
-        if not isinstance(layer, LoraLayer) or adapter_name not in layer.lora_A:
-            continue
-        if isinstance(layer, LoraEmbedding):
-            raise UserError(
-                f"{name}: LoRA on embeddings has no Stable Diffusion file format; train token embeddings instead"
-            )
-        r = layer.r[adapter_name]
-        out[canonical_name(component, lora_model, name)] = ModuleLora(
-            down=layer.lora_A[adapter_name].detach(),
-            up=layer.lora_B[adapter_name].detach(),
-            alpha=float(layer.scaling[adapter_name] * r),
-        )
-    return out
-
-
-def config_for(modules: dict[str, ModuleLora]) -> LoraConfig:
-    """A LoraConfig selecting exactly these modules, with per-module ranks and alphas."""
-    if not modules:
-        raise UserError("an adapter component with no modules")
-    ranks = {n: m.rank for n, m in modules.items()}
-    alphas = {n: float(m.alpha) for n, m in modules.items()}
-    r = Counter(ranks.values()).most_common(1)[0][0]
-    alpha = Counter(alphas.values()).most_common(1)[0][0]
-    return LoraConfig(
-        r=r,
-        lora_alpha=alpha,
-        target_modules=sorted(modules),
-        rank_pattern={n: v for n, v in ranks.items() if v != r},
-        alpha_pattern={n: v for n, v in alphas.items() if v != alpha},
-    )
-
-
-def _fit(tensor: torch.Tensor, shape: tuple[int, ...], what: str) -> torch.Tensor:
-    if tuple(tensor.shape) == tuple(shape):
-        return tensor
-    # A 1x1 convolution and a linear layer hold the same matrix; files disagree on which they store.
-    if tensor.numel() == math.prod(shape) and tensor.shape[:2] == tuple(shape[:2]):
-        return tensor.reshape(shape)
-    raise UserError(f"{what}: shape {tuple(tensor.shape)} in the file, the model needs {tuple(shape)}")
-
-
-def apply(
-    lora_model,
-    adapter_name: str,
-    modules: dict[str, ModuleLora],
-    where: str = "adapter",
-    component: str | None = None,
-) -> None:
-    """Adds `modules` (named as files spell them) to a `LoraModel` (pipeline component `component`) as
-    adapter `adapter_name`.
-
-    Everything is checked first (every module exists, is adaptable and has the right shapes); a
-    failure while copying removes the half-added adapter again."""
-    from loraforge.layers import LoraLayer, supported, wrap
-
-    modules = {model_name(component, lora_model, n): m for n, m in modules.items()}
-    config = config_for(modules)
-    plain = dict(lora_model._plain_modules())
-    for name, m in modules.items():
-        module = plain.get(name)
-        if module is None:
-            raise UserError(
-                f"{where} does not fit this model: it has no module {name!r} (is it for another base?)"
-            )
-        if not supported(module):
-            raise UserError(f"{where}: {name} is a {type(module).__name__}, which LoRA cannot adapt here")
-        current = lora_model.model.get_submodule(name)
-        layer = current if isinstance(current, LoraLayer) else wrap(module)
-        _fit(m.down, layer.a_shape(m.rank), f"{where}: {name} down")
-        _fit(m.up, layer.b_shape(m.rank), f"{where}: {name} up")
-    found = set(lora_model.find_targets(config))
-    if found != set(modules):
-        odd = sorted(found ^ set(modules))
-        raise UserError(
-            f"{where}: its module names do not select exactly its modules in this model: {odd[:3]}"
-        )
-    lora_model.add_adapter(adapter_name, config)
-    try:
-        with torch.no_grad():
-            for name, m in modules.items():
-                layer = lora_model.model.get_submodule(name)
-                A, B = layer.lora_A[adapter_name], layer.lora_B[adapter_name]
-                A.copy_(_fit(m.down, tuple(A.shape), name))
-                B.copy_(_fit(m.up, tuple(B.shape), name))
-                A.requires_grad_(False)
-                B.requires_grad_(False)
-    except BaseException:
-        lora_model.delete_adapter(adapter_name)
-        raise
 
 
 # -- diffusers' LoRA file ---------------------------------------------------------------------------
@@ -389,7 +225,7 @@ def read_diffusers(path: str | Path) -> ImageLora:
     path = Path(path)
     directory = path if path.is_dir() else path.parent
     weights = path / WEIGHTS_NAME if path.is_dir() else path
-    info = _read_info(directory)
+    info = read_info(directory)
     lora = ImageLora(info=info)
     if weights.is_file():
         tensors = load_tensors(weights)
@@ -409,7 +245,8 @@ def read_diffusers(path: str | Path) -> ImageLora:
     return lora
 
 
-def _read_info(directory: Path) -> dict:
+def read_info(directory: Path) -> dict:
+    """loraforge's ``adapter_info.json`` next to an image adapter's weights (any format), or {}."""
     info_path = Path(directory) / INFO_NAME
     if not info_path.is_file():
         return {}
@@ -419,66 +256,27 @@ def _read_info(directory: Path) -> dict:
         raise UserError(f"{info_path} is not valid JSON: {e}") from e
 
 
-# -- any image adapter file -------------------------------------------------------------------------
+_DIFFUSERS_ONLY = tuple(suffix for suffix, _ in _SUFFIXES[2:]) + (".alpha",)
 
 
-def detect_format(path: str | Path) -> str:
-    """'diffusers', 'kohya' or 'cloneofsimo' for an adapter directory or .safetensors file."""
-    from safetensors import SafetensorError, safe_open
-
-    path = Path(path)
-    if path.is_dir():
-        if (path / WEIGHTS_NAME).is_file():
-            return "diffusers"
-        candidates = sorted(p for p in path.glob("*.safetensors") if p.name != EMBEDS_NAME)
-        if len(candidates) == 1:
-            return detect_format(candidates[0])
-        if not candidates and (path / EMBEDS_NAME).is_file():
-            return "diffusers"  # learned tokens only
-        if (path / "adapter_config.json").is_file():
-            raise UserError(
-                f"{path} is a PEFT adapter for a single model; image adapters need diffusers, kohya or cloneofsimo files"
-            )
-        raise NotFound(f"{path}: no image adapter file ({WEIGHTS_NAME} or one .safetensors)")
-    if not path.is_file():
-        raise NotFound(f"adapter not found: {path}")
-    if path.suffix != ".safetensors":
-        raise UserError(f"{path}: image adapters are read from .safetensors files")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
-    except (SafetensorError, OSError) as e:
-        raise UserError(f"{path} is not a readable safetensors file: {e}") from e
-    if keys and all(re.match(r"^(lora_unet_|lora_te\d?_|bundle_emb\.)", k) for k in keys):
-        return "kohya"
-    if any(re.match(r"^[A-Za-z_]\w*:\d+:(up|down)$", k) for k in keys):
-        return "cloneofsimo"
-    return "diffusers"
+def detect(header: Header) -> bool:
+    """A diffusers LoRA file: every key is a diffusers LoRA weight, and something marks it as diffusers'
+    rather than PEFT's (a component prefix, one of diffusers' own spellings, or its metadata)."""
+    keys = header.keys
+    if not keys or not all(_split_key(k) for k in keys):
+        return False
+    return (
+        METADATA_KEY in header.metadata
+        or any(k.startswith(tuple(c + "." for c in COMPONENTS)) for k in keys)
+        or any(k.endswith(_DIFFUSERS_ONLY) or ".processor." in k for k in keys)
+    )
 
 
-def read_image_lora(path: str | Path, components: dict | None = None) -> ImageLora:
-    """Reads any supported image adapter. `components` (name -> model) lets kohya/cloneofsimo files,
-    which do not spell module paths the diffusers way, be mapped onto the actual models."""
-    fmt = detect_format(path)
-    if fmt == "diffusers":
-        return read_diffusers(path)
-    path = Path(path)
-    if path.is_dir():
-        path = next(p for p in sorted(path.glob("*.safetensors")) if p.name != EMBEDS_NAME)
-    if components is None:
-        raise UserError(f"{path}: reading a {fmt} file needs the pipeline's models to map its module names")
-    if fmt == "kohya":
-        from loraforge.formats.kohya import read_kohya
-
-        lora = read_kohya(path, components)
-    else:
-        from loraforge.formats.cloneofsimo import read_cloneofsimo
-
-        lora = read_cloneofsimo(path, components)
-    directory = path.parent
-    info = _read_info(directory)
-    lora.info = {**info, **lora.info}
-    embeds = directory / EMBEDS_NAME
-    if not lora.tokens and embeds.is_file():
-        lora.tokens, lora.embeddings = load_embeddings(embeds, info.get("tokens"))
-    return lora
+def header_modules(header: Header) -> dict[str, int]:
+    """``component.module path`` -> rank, of the LoRA modules in a diffusers file (from its header)."""
+    out = {}
+    for key, shape in header.shapes.items():
+        split = _split_key(key)
+        if split and split[2] == "down":
+            out[f"{split[0]}.{split[1]}"] = int(shape[0])
+    return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -67,3 +68,45 @@ def load_tensors(path: str | Path, allow_pickle: bool = False) -> dict[str, torc
             raise UserError(f"{path} does not hold a flat dict of tensors")
         return data
     raise UserError(f"{path}: unknown weight file type {path.suffix!r} (expected .safetensors)")
+
+
+@dataclass
+class Header:
+    """What a safetensors file says about itself without its tensors being read."""
+
+    path: Path
+    shapes: dict[str, tuple[int, ...]]  # key -> shape, in file order
+    dtypes: dict[str, str]
+    metadata: dict[str, str]
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self.shapes)
+
+    def scalars(self, keys: list[str]) -> list[float]:
+        """The values of these one-element tensors (kohya's alphas); nothing else is loaded."""
+        from safetensors import safe_open
+
+        if not keys:
+            return []
+        with safe_open(str(self.path), framework="pt") as f:
+            return [float(f.get_tensor(k)) for k in keys]
+
+
+def read_header(path: str | Path) -> Header:
+    """The keys, shapes, dtypes and metadata of a safetensors file."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise NotFound(f"no such file: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shapes, dtypes = {}, {}
+            for key in f.keys():
+                part = f.get_slice(key)
+                shapes[key], dtypes[key] = tuple(part.get_shape()), str(part.get_dtype())
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path} is not a readable safetensors file (corrupt or truncated?): {e}") from e
+    return Header(path, shapes, dtypes, metadata)

@@ -7,6 +7,8 @@ Keys are the module path with every ``.`` turned into ``_``, behind a component 
     lora_unet_..._to_q.alpha                                                                  () scalar
     lora_te_text_model_encoder_layers_0_self_attn_q_proj....     text encoder (SD 1.x / 2.x)
     lora_te1_... / lora_te2_...                                  SDXL's two text encoders
+    lora_te1_encoder_layers_0_self_attn_q_proj....               no ``text_model_`` (read only): diffusers'
+                                                                 converter on transformers 5's CLIPTextModel
 
 The update is ``alpha / r * up @ down``; a missing alpha means alpha = r. Convolutions keep their
 kernel in ``lora_down`` (``(r, in, kh, kw)``) and a 1x1 ``lora_up``.
@@ -22,14 +24,21 @@ LyCORIS variants (LoHa, LoKr, DoRA) are reported as unsupported.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from loraforge.errors import UserError
-from loraforge.formats.diffusers import ImageLora, ModuleLora, canonical_name
-from loraforge.formats.io import load_tensors, save_tensors
+from loraforge.formats.image_lora import (
+    TEXT_COMPONENTS,
+    TEXT_MODEL_PREFIX,
+    ImageLora,
+    ModuleLora,
+    canonical_name,
+)
+from loraforge.formats.io import Header, load_tensors, save_tensors
 
 KOHYA_NAME = "lora.safetensors"
 PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
@@ -74,20 +83,10 @@ def save_kohya(path: str | Path, lora: ImageLora, metadata: dict[str, str] | Non
 
 def _adaptable_names(model: nn.Module) -> list[str]:
     """Module paths of `model` as the user knows them (LoRA wrappers count as their base layer)."""
-    from loraforge.layers import LoraLayer, TrainableCopy, supported
+    from loraforge.layers import supported
+    from loraforge.model import base_modules
 
-    inner = set()
-    for _, m in model.named_modules():
-        if isinstance(m, LoraLayer | TrainableCopy):
-            inner.update(id(x) for x in m.modules() if x is not m)
-    names = []
-    for name, m in model.named_modules():
-        if not name or id(m) in inner:
-            continue
-        base = m.base_layer if isinstance(m, LoraLayer) else m
-        if supported(base):
-            names.append(name)
-    return names
+    return [name for name, m in base_modules(model) if supported(m)]
 
 
 def sgm_unet_names(unet: nn.Module) -> dict[str, str]:
@@ -165,8 +164,14 @@ def key_map(components: dict[str, nn.Module]) -> dict[str, tuple[str, str]]:
         names = [canonical_name(component, inner, n) for n in _adaptable_names(inner)]
         prefixes = [PREFIXES[component]] + ([SDXL_TE1_PREFIX] if component == "text_encoder" else [])
         for name in names:
-            for prefix in prefixes:
-                mapping[prefix + name.replace(".", "_")] = (component, name)
+            # Text encoders: also without `text_model.`, as files converted from transformers 5's
+            # flattened CLIPTextModel spell them (diffusers' convert_state_dict_to_kohya).
+            spellings = (
+                {name, name.removeprefix(TEXT_MODEL_PREFIX)} if component in TEXT_COMPONENTS else {name}
+            )
+            for spelling in spellings:
+                for prefix in prefixes:
+                    mapping[prefix + spelling.replace(".", "_")] = (component, name)
         if component == "unet":
             for name, sgm in sgm_unet_names(inner).items():
                 mapping.setdefault(PREFIXES["unet"] + sgm.replace(".", "_"), (component, name))
@@ -228,3 +233,27 @@ def read_kohya(path: str | Path, components: dict[str, nn.Module]) -> ImageLora:
                 rows.setdefault(component, []).append(tensor.reshape(-1))
         lora.embeddings = {c: torch.stack(v) for c, v in rows.items()}
     return lora
+
+
+# -- detection and inspection ----------------------------------------------------------------------
+
+_KEY = re.compile(r"^(lora_unet_|lora_te\d?_|bundle_emb\.)")
+
+
+def detect(header: Header) -> bool:
+    """A kohya file: every key has one of kohya's prefixes."""
+    return bool(header.keys) and all(_KEY.match(k) for k in header.keys)
+
+
+def header_modules(header: Header) -> dict[str, int]:
+    """kohya module key (``lora_unet_..._to_q``) -> rank, from the header."""
+    return {
+        k.split(".", 1)[0]: int(shape[0])
+        for k, shape in header.shapes.items()
+        if k.endswith(".lora_down.weight")
+    }
+
+
+def header_tokens(header: Header) -> list[str]:
+    """Tokens whose embeddings are bundled into the file (``bundle_emb.<token>.*``), in file order."""
+    return list(dict.fromkeys(k.split(".")[1] for k in header.keys if k.startswith("bundle_emb.")))

@@ -2,24 +2,37 @@
 
 Keys are ``base_model.model.<module path>.lora_A.weight`` / ``.lora_B.weight`` (embeddings:
 ``.lora_embedding_A`` / ``.lora_embedding_B``, stored without ``.weight``); trained copies of
-`modules_to_save` are stored under the module's own path, e.g. ``base_model.model.score.weight``.
+`modules_to_save` are stored under the module's own path, e.g. ``base_model.model.score.weight``;
+trained biases (``bias="lora_only"``/``"all"``) under the parameter's path in a PEFT model, so an
+adapted layer's bias is ``base_model.model.<module path>.base_layer.bias`` (``<module path>.bias`` is
+read too: older loraforge versions wrote it so).
 The adapter name never appears in a key: one file holds one adapter.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
 
 from loraforge.config import CONFIG_NAME, LoraConfig
 from loraforge.errors import NotFound, UserError
-from loraforge.formats.io import load_tensors, save_json, save_tensors
-from loraforge.layers import LoraEmbedding, LoraLayer, TrainableCopy
+from loraforge.formats.io import Header, load_tensors, save_json, save_tensors
+from loraforge.layers import LoraEmbedding, LoraLayer
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
+
+
+WRAPPER_COPY = re.compile(r"\.(original_module|modules_to_save)\.")
+LORA_SUFFIXES = {
+    ".lora_A.weight": 0,
+    ".lora_B.weight": 1,
+    ".lora_embedding_A": 0,
+    ".lora_embedding_B": 1,
+}
 
 
 def _keys(layer_name: str, layer: LoraLayer) -> tuple[str, str]:
@@ -32,21 +45,15 @@ def adapter_state_dict(model, adapter_name: str) -> dict[str, torch.Tensor]:
     """The adapter's tensors under PEFT's key names."""
     config = model.peft_config[adapter_name]
     out = {}
-    for name, module in model.model.named_modules():
-        if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
-            key_a, key_b = _keys(name, module)
-            out[key_a], out[key_b] = module.lora_A[adapter_name], module.lora_B[adapter_name]
-            if config.bias != "none" and getattr(module.base_layer, "bias", None) is not None:
-                out[f"{PREFIX}{name}.bias"] = module.base_layer.bias
-        elif isinstance(module, TrainableCopy) and adapter_name in module.modules_to_save:
-            for pname, p in module.modules_to_save[adapter_name].state_dict().items():
-                out[f"{PREFIX}{name}.{pname}"] = p
-    if config.bias == "all":
-        for pname, p in model.model.named_parameters():
-            if pname.endswith("bias") and "lora_" not in pname and "modules_to_save" not in pname:
-                out.setdefault(
-                    f"{PREFIX}{pname.replace('.base_layer', '').replace('.original_module', '')}", p
-                )
+    layers = model.adapter_layers(adapter_name)
+    for name, layer in layers:
+        key_a, key_b = _keys(name, layer)
+        out[key_a], out[key_b] = layer.lora_A[adapter_name], layer.lora_B[adapter_name]
+    for name, copy in model.adapter_copies(adapter_name):
+        for pname, p in copy.state_dict().items():
+            out[f"{PREFIX}{name}.{pname}"] = p
+    for key, p in model.trained_biases(config, [n for n, _ in layers]).items():
+        out[f"{PREFIX}{key}"] = p
     return out
 
 
@@ -77,94 +84,63 @@ def read_adapter(
     return config, tensors
 
 
+def split_tensors(
+    tensors: dict[str, torch.Tensor], where: str = "adapter"
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]:
+    """PEFT's keys -> ({module path: (A, B)}, {path: other tensor}), without the ``base_model.model.`` prefix.
+
+    With ``bias="all"`` PEFT also saves a modules_to_save module's biases under its wrapper's names
+    (``<module>.original_module.bias``: the untouched original; ``<module>.modules_to_save.bias``: a
+    second copy of ``<module>.bias``); those are skipped."""
+    pairs: dict[str, list] = {}
+    others = {}
+    for key, tensor in tensors.items():
+        key = key.removeprefix(PREFIX)
+        if WRAPPER_COPY.search(key):
+            continue
+        suffix = next((s for s in LORA_SUFFIXES if key.endswith(s)), None)
+        if suffix is None:
+            others[key] = tensor
+            continue
+        pairs.setdefault(key[: -len(suffix)], [None, None])[LORA_SUFFIXES[suffix]] = tensor
+    for module, (A, B) in pairs.items():
+        if A is None or B is None:
+            raise UserError(f"{where} has only one of {module}'s two LoRA matrices (lora_A, lora_B)")
+    return {m: (A, B) for m, (A, B) in pairs.items()}, others
+
+
 def load_adapter(model, directory: str | Path, adapter_name: str, allow_pickle: bool = False) -> None:
     """Loads a PEFT adapter into `model` (a LoraModel). Everything is checked before anything changes,
     and a failure while applying rolls the new adapter back."""
     config, tensors = read_adapter(directory, allow_pickle=allow_pickle)
-    if adapter_name in model.peft_config:
-        raise UserError(f"an adapter named {adapter_name!r} already exists; pick another name or delete it")
-    expected = _expected_shapes(model, config)
-    for key, tensor in tensors.items():
-        if key not in expected:
-            raise UserError(
-                f"adapter in {directory} does not fit this model: {key!r} has no matching module "
-                f"(is it for a different base model? recorded base: {config.base_model_name_or_path})"
-            )
-        if tuple(tensor.shape) != expected[key]:
-            raise UserError(
-                f"adapter in {directory} does not fit this model: {key!r} has shape {tuple(tensor.shape)} "
-                f"in the file but the model needs {expected[key]}"
-            )
-    missing = [k for k in expected if k not in tensors and ("lora_" in k)]
-    if missing:
-        raise UserError(
-            f"adapter in {directory} lacks weights for {missing[0]!r} (and {len(missing) - 1} more)"
-        )
-    model.add_adapter(adapter_name, config)
-    try:
-        _apply(model, adapter_name, tensors)
-    except BaseException:
-        model.delete_adapter(adapter_name)
-        raise
+    where = f"adapter in {directory}"
+    if config.base_model_name_or_path:
+        where += f" (recorded base: {config.base_model_name_or_path})"
+    lora, others = split_tensors(tensors, where)
+    model.add_adapter_with_weights(adapter_name, config, lora, others, where=where)
 
 
-def _expected_shapes(model, config: LoraConfig) -> dict[str, tuple[int, ...]]:
-    """Key -> shape the model would give each tensor of an adapter with this config (dry run)."""
-    from loraforge.layers import wrap
-
-    shapes = {}
-    for name in model.find_targets(config):
-        module = model.model.get_submodule(name)
-        layer = module if isinstance(module, LoraLayer) else wrap(module)
-        r = config.rank_for(name)
-        key_a, key_b = _keys(name, layer)
-        shapes[key_a], shapes[key_b] = layer.a_shape(r), layer.b_shape(r)
-        bias = getattr(layer.base_layer, "bias", None)
-        if bias is not None:
-            shapes[f"{PREFIX}{name}.bias"] = tuple(bias.shape)
-        if isinstance(layer, LoraEmbedding):
-            # PEFT also saves targeted embedding matrices in full (they may have been resized).
-            shapes[f"{PREFIX}{name}.base_layer.weight"] = tuple(layer.base_layer.weight.shape)
-    for getter in ("get_input_embeddings", "get_output_embeddings"):
-        module = getattr(model.model, getter, lambda: None)()
-        for name, m in model._plain_modules():
-            if module is not None and m is module and getattr(m, "weight", None) is not None:
-                shapes[f"{PREFIX}{name}.weight"] = tuple(m.weight.shape)
-    for name in model._find_modules_to_save(config):
-        module = model.model.get_submodule(name)
-        source = module.original_module if isinstance(module, TrainableCopy) else module
-        for pname, p in source.state_dict().items():
-            shapes[f"{PREFIX}{name}.{pname}"] = tuple(p.shape)
-    if config.bias == "all":
-        for pname, p in model.model.named_parameters():
-            if pname.endswith("bias") and "lora_" not in pname and "modules_to_save" not in pname:
-                shapes.setdefault(
-                    f"{PREFIX}{pname.replace('.base_layer', '').replace('.original_module', '')}",
-                    tuple(p.shape),
-                )
-    return shapes
+# -- detection and inspection ----------------------------------------------------------------------
 
 
-@torch.no_grad()
-def _apply(model, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:
-    for name, module in model.model.named_modules():
-        if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
-            key_a, key_b = _keys(name, module)
-            module.lora_A[adapter_name].copy_(tensors[key_a])
-            module.lora_B[adapter_name].copy_(tensors[key_b])
-        elif isinstance(module, TrainableCopy) and adapter_name in module.modules_to_save:
-            copy = module.modules_to_save[adapter_name]
-            prefix = f"{PREFIX}{name}."
-            state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-            copy.load_state_dict(state, strict=False)
-    # Biases and full embedding matrices are base weights shared by all adapters: they are written
-    # only when the file has them (PEFT saves them with bias != "none" or a targeted embedding).
-    params = {
-        PREFIX + n.replace(".base_layer", "").replace(".original_module", ""): p
-        for n, p in model.model.named_parameters()
-    }
-    copies = [f"{PREFIX}{n}." for n, m in model.model.named_modules() if isinstance(m, TrainableCopy)]
-    for key, tensor in tensors.items():
-        key = key.replace(".base_layer", "")
-        if "lora_" not in key and key in params and not any(key.startswith(c) for c in copies):
-            params[key].copy_(tensor)
+def detect(header: Header) -> bool:
+    """PEFT's weights file: its keys carry PEFT's prefix, or it sits next to an ``adapter_config.json``,
+    or every key is PEFT-shaped (LoRA matrices, plus whole weights/biases) though the prefix is missing.
+    (Checked after the image formats, whose files the last rule would also accept.)"""
+    keys = header.keys
+    if not keys:
+        return False
+    if any(k.startswith(PREFIX) for k in keys) or (header.path.parent / CONFIG_NAME).is_file():
+        return True
+    lora = [k for k in keys if k.endswith(tuple(LORA_SUFFIXES))]
+    return bool(lora) and all(k.endswith((*LORA_SUFFIXES, ".weight", ".bias")) for k in keys)
+
+
+def header_modules(header: Header) -> dict[str, int]:
+    """Module path -> rank, from the header."""
+    out = {}
+    for key, shape in header.shapes.items():
+        for suffix, index in LORA_SUFFIXES.items():
+            if index == 0 and key.endswith(suffix):
+                out[key.removeprefix(PREFIX)[: -len(suffix)]] = int(shape[0])
+    return out

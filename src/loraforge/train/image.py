@@ -729,7 +729,7 @@ class ImageTask(Task):
         self.last_grid = path
 
     def image_lora(self):
-        from loraforge.formats.diffusers import ImageLora, extract
+        from loraforge.formats.image_lora import ImageLora, extract
 
         lora = ImageLora()
         lora.components["unet"] = extract(self.unet_lora, "default", "unet")
@@ -764,21 +764,11 @@ class ImageTask(Task):
     def save_adapter(self, directory: Path) -> None:
         import shutil
 
-        from loraforge.formats.diffusers import EMBEDS_NAME, save_diffusers, save_embeddings, save_info
+        from loraforge.formats import write_image_lora
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        lora = self.image_lora()
-        info = self.adapter_info()
-        if self.config.format == "kohya":
-            from loraforge.formats.kohya import KOHYA_NAME, save_kohya
-
-            save_kohya(directory / KOHYA_NAME, lora)
-            if lora.tokens:
-                save_embeddings(directory / EMBEDS_NAME, lora.tokens, lora.embeddings)
-            save_info(directory, lora, info)
-        else:
-            save_diffusers(directory, lora, info)
+        write_image_lora(directory, self.image_lora(), self.config.format, self.adapter_info())
         if self.last_grid is not None and self.last_grid.is_file():
             shutil.copyfile(self.last_grid, directory / "validation.png")
 
