@@ -193,19 +193,17 @@ class TextRuntime:
 
 def text_adapter_dir(spec: AdapterSpec) -> Path:
     """The PEFT adapter directory of a spec: the directory itself, or the directory of its weights
-    file. An image adapter is refused with a pointer to `generate-image`."""
-    from loraforge.formats.diffusers import WEIGHTS_NAME
+    file. Anything else is refused by what it is (an image adapter points to `generate-image`)."""
+    from loraforge.formats import FORMATS, detect_format
 
     path = locate_adapter(spec)
     directory = path.parent if path.is_file() else path
-    if (directory / CONFIG_NAME).is_file() and (path.is_dir() or path.suffix in (".safetensors", ".bin")):
+    if (directory / CONFIG_NAME).is_file():
         return directory
-    if path.is_file() or (path / WEIGHTS_NAME).is_file() or any(path.glob("*.safetensors")):
-        raise UserError(
-            f"{spec.source} is not a PEFT adapter for a language model (no {CONFIG_NAME} beside it); "
-            "image adapters go to generate-image"
-        )
-    raise NotFound(f"{spec.source} is not an adapter directory (no {CONFIG_NAME})")
+    fmt = detect_format(path)
+    if FORMATS[fmt].kind == "image":
+        raise UserError(f"{spec.source} is a {fmt} image adapter; image adapters go to generate-image")
+    raise NotFound(f"{spec.source}: a PEFT adapter needs its {CONFIG_NAME} beside the weights")
 
 
 def load_text(

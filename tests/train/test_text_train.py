@@ -370,9 +370,7 @@ def test_embedded_base_learns_the_example_task(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "tiny-llama" in proc.stdout and "1500 examples" in proc.stdout
-    proc = cli(
-        ["eval-text", "--adapter", str(out / "adapter"), "--max-examples", "40", "--out", str(report)]
-    )
+    proc = cli(["eval-text", "--adapter", str(out / "adapter"), "--max-examples", "40", "--out", str(report)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     figures = yaml.safe_load(report.read_text())
     assert figures["loss_drop_percent"] >= 50
