@@ -175,7 +175,9 @@ def _scan_jsonl(path: Path, raw: bytes, strict: bool) -> Scan:
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
-            _bad(bad, loc, f"invalid JSON: {e.msg} at column {e.colno}", strict)
+            # json's messages may end in "at" already ("Unterminated string starting at").
+            where = "column" if e.msg.endswith(" at") else "at column"
+            _bad(bad, loc, f"invalid JSON: {e.msg} {where} {e.colno}", strict)
             continue
         if not isinstance(obj, dict):
             _bad(bad, loc, f"expected a JSON object, got {type(obj).__name__}", strict)

@@ -37,7 +37,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
@@ -137,7 +137,12 @@ class TrainConfig:
 
     resume: str | None = None
     """Resume from a checkpoint: "latest" (the newest under output_dir/checkpoints) or a checkpoint
-    directory. The rest of the configuration should match the interrupted run."""
+    directory. Settings that change the result must match the interrupted run's (checked); a
+    finished run is reported as finished and left as it is."""
+
+    overwrite: bool = False
+    """Start over in an output_dir that already holds a run: its adapter, checkpoints, metrics and
+    samples are removed first. Without it such a directory is refused (continue it with resume)."""
 
     strict: bool = False
     """Stop at the first bad row or file of the data instead of skipping it (bad ones are always reported)."""
@@ -162,9 +167,24 @@ class TrainConfig:
     """Show a progress bar with the loss, the throughput and the time left."""
 
     threads: int = 0
-    """CPU threads for PyTorch on each process. 0: PyTorch's default, lowered to the cores the other
-    processes on the machine leave free (a busy shared CPU runs faster with fewer threads). Set it
-    for bit-identical reruns."""
+    """CPU threads for PyTorch on each process. 0: one per core this process may run on, divided
+    among the processes of a multi-process run. Set it for bit-identical reruns."""
+
+    # What may differ when a run is resumed: none of these change the trained weights.
+    RESUME_FREE: ClassVar[tuple[str, ...]] = (
+        "output_dir",
+        "resume",
+        "overwrite",
+        "eval_every",
+        "sample_every",
+        "save_every",
+        "keep_last",
+        "log_every",
+        "strict",
+        "tensorboard",
+        "progress_bar",
+        "threads",
+    )
 
     # The flat keys of older configs, as attributes too: `config.lora_r` is `config.lora.r`.
     lora_r = _lora_alias("r")
@@ -208,6 +228,11 @@ class TrainConfig:
 @dataclass
 class TextTrainConfig(TrainConfig):
     """`loraforge train`: LoRA on a causal language model."""
+
+    RESUME_FREE: ClassVar[tuple[str, ...]] = TrainConfig.RESUME_FREE + (
+        "sample_prompts",
+        "sample_max_new_tokens",
+    )
 
     output_dir: str = "runs/text"
     """Directory for the run: the final adapter (`adapter/`), checkpoints, metrics, samples, loss curve."""

@@ -36,7 +36,7 @@ import random
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +59,6 @@ from loraforge.train.config import (
     bad_value,
     config_from_args,
     resolve_config,
-    save_config,
 )
 from loraforge.train.loop import TrainResult
 from loraforge.train.task import Task, enable_activation_checkpointing
@@ -92,6 +91,13 @@ def default_unet_targets(base: str) -> list[str]:
 @dataclass
 class ImageTrainConfig(TrainConfig):
     """`loraforge train-image`: LoRA (plus learned tokens) on a Stable Diffusion pipeline."""
+
+    RESUME_FREE: ClassVar[tuple[str, ...]] = TrainConfig.RESUME_FREE + (
+        "validation_prompts",
+        "validation_steps",
+        "validation_guidance",
+        "validation_seed",
+    )
 
     output_dir: str = "runs/image"
     """Directory for the run: the final adapter (`adapter/`), checkpoints, metrics, samples, loss curve."""
@@ -859,10 +865,7 @@ def train_image(config: ImageTrainConfig | None = None, /, **overrides) -> Train
     config = resolve_config(ImageTrainConfig, config, overrides)
     task = ImageTask(config)  # reads and checks the images
     # cpu=True without a GPU: how accelerate recognises a multi-process CPU launch (torchrun).
-    main = PartialState(cpu=not torch.cuda.is_available()).is_main_process
-    if main:
-        save_config(config, Path(config.output_dir) / "train_config.yaml")
-    else:
+    if not PartialState(cpu=not torch.cuda.is_available()).is_main_process:
         task.log = lambda *a, **k: None
     return train(task, config)
 
@@ -878,13 +881,15 @@ def run(args) -> int:
     result = train_image(config)
     if result.interrupted:
         return 130
-    if PartialState(cpu=not torch.cuda.is_available()).is_main_process:
+    main = PartialState(cpu=not torch.cuda.is_available()).is_main_process
+    if main and result.already_finished:
+        print(f"{result.done_line('images')}; its adapter: {result.adapter_dir}")
+    elif main:
         out, task = result.adapter_dir, result.task
+        print(result.done_line("images"))
         tokens = "".join(task.tokens)
         example = (task.validation_prompts() or [f"a picture in the style of {tokens}"])[0]
-        print(
-            f"adapter: {out} ({config.format} format; {result.steps} steps, final loss {result.train_loss:.4f})"
-        )
+        print(f"adapter: {out} ({config.format} format)")
         if (out / "validation.png").is_file():
             print(f"validation images: {out / 'validation.png'}")
         print(f'try: loraforge generate-image --base {config.base} --adapter {out} --prompt "{example}"')

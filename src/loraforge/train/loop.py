@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 import torch
 
 from loraforge.errors import UserError
+from loraforge.train import rundir
 from loraforge.train.charts import draw_loss_curve
 from loraforge.train.checkpoint import (
     capture_rng_state,
@@ -42,7 +43,7 @@ from loraforge.train.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from loraforge.train.config import TrainConfig, config_to_dict
+from loraforge.train.config import TrainConfig, config_to_dict, save_config
 from loraforge.train.metrics import METRICS_NAME, MetricsWriter, read_metrics
 from loraforge.train.signals import StopRequest, stop_requests
 from loraforge.train.task import Task
@@ -74,12 +75,33 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     """The rows of metrics.csv (main process only)."""
     output_dir: Path | None = None
+    start_step: int = 0
+    """The step this run started from: 0, or the step of the checkpoint it resumed."""
+    already_finished: bool = False
+    """Resumed a run that had finished: nothing was trained or written."""
     checkpoint: Path | None = None
     """The newest complete checkpoint directory (``output_dir/checkpoints/step-N``), or None."""
     checkpoints: list[Path] = field(default_factory=list)
     """Every checkpoint kept, oldest first."""
     task: Task | None = field(default=None, repr=False, compare=False)
     """The task that was trained: its model stays loaded, with the adapter's final weights."""
+
+    def done_line(self, unit: str = "tokens") -> str:
+        """One line on what this run did: the steps run now and where that leaves the total."""
+        if self.already_finished:
+            return (
+                f"the run in {self.output_dir} already finished at step {self.steps} of {self.total_steps}; "
+                "nothing was trained or changed"
+            )
+        ran = self.steps - self.start_step
+        where = f"steps {self.start_step + 1}-{self.steps} of {self.total_steps}" if ran else "no step left"
+        losses = [f"final train loss {self.train_loss:.4f}"] if self.train_loss is not None else []
+        if self.eval_loss is not None:
+            losses.append(f"eval loss {self.eval_loss:.4f}")
+        return (
+            f"done: {ran} step{'s' if ran != 1 else ''} in {self.elapsed_s:.0f}s ({where}; {self.tokens:,} {unit})"
+            + (f"; {', '.join(losses)}" if losses else "")
+        )
 
 
 def lr_factor(step: int, config: TrainConfig, total_steps: int) -> float:
@@ -97,7 +119,14 @@ def lr_factor(step: int, config: TrainConfig, total_steps: int) -> float:
 
 
 def train(task: Task, config: TrainConfig) -> TrainResult:
-    """Trains `task` as `config` says; returns where the adapter went and the final losses."""
+    """Trains `task` as `config` says; returns where the adapter went and the final losses.
+
+    The output directory is checked first (see `loraforge.train.rundir`): a new run never replaces
+    an earlier one by accident, a resumed run must keep the settings that shape its result, and a
+    finished run is only reported. The resolved config is written when training starts."""
+    finished = _prepare_run_dir(config)
+    if finished is not None:
+        return finished
     run = _Run(task, config)  # set up: threads, accelerator, seed, build, optimizer, schedule
     run.resume()  # from config.resume's checkpoint, if any
     with stop_requests() as stop:  # first Ctrl-C / SIGTERM: finish the step, checkpoint, stop
@@ -116,6 +145,29 @@ def train(task: Task, config: TrainConfig) -> TrainResult:
     if run.interrupted:
         return run.stop_early()  # a checkpoint of the last step done, and how to resume
     return run.finish()  # final eval, samples and checkpoint; the adapter; the loss curve
+
+
+def _prepare_run_dir(config: TrainConfig) -> TrainResult | None:
+    from accelerate import PartialState
+
+    main = PartialState(cpu=not torch.cuda.is_available()).is_main_process
+    finished = rundir.prepare(config, main=main)
+    if finished is not None:
+        return TrainResult(
+            finished.adapter_dir,
+            finished.step,
+            finished.total_steps,
+            finished.loss,
+            None,
+            output_dir=Path(config.output_dir),
+            start_step=finished.step,
+            already_finished=True,
+            checkpoint=finished.checkpoint,
+            checkpoints=[path for _, path in list_checkpoints(config.output_dir)],
+        )
+    if main:
+        save_config(config, Path(config.output_dir) / rundir.CONFIG_NAME)
+    return None
 
 
 class _Step(NamedTuple):
@@ -190,6 +242,7 @@ class _Run:
 
         # Where the run stands.
         self.step, self.position, self.tokens_seen = 0, (0, 0), 0
+        self.start_step = 0
         self.last_loss: float | None = None
         self.last_eval: float | None = None
         self.saved_at = self.evaluated_at = self.sampled_at = -1
@@ -221,6 +274,7 @@ class _Run:
             return
         state = load_checkpoint(self.resume_from)
         self.step, self.position = state["step"], tuple(state["data_position"])
+        self.start_step = self.step
         self.tokens_seen = state.get("tokens", 0)
         named = dict(self.unwrapped.named_parameters())
         with torch.no_grad():
@@ -531,6 +585,7 @@ class _Run:
             step_time_s=self.step_time,
             history=list(history),
             output_dir=self.out,
+            start_step=self.start_step,
             checkpoint=find_latest(self.out),
             checkpoints=[path for _, path in list_checkpoints(self.out)],
             task=self.task,
@@ -541,23 +596,18 @@ class _Run:
 
 
 def choose_threads(requested: int) -> int:
-    """`requested` if set; else PyTorch's default, lowered to the cores other processes leave free.
-
-    On a shared CPU, OpenMP threads that find their core busy spin and wait for each other: two
-    threads on two cores that other jobs also use run a small model several times *slower* than
-    one thread. So with the 1-minute load average at L on C cores, use at most round(C - L) threads
-    (at least 1). A quiet machine gets the default. Runs that must be bit-identical should set
-    `threads` explicitly, since results can depend on the thread count.
-    """
+    """`requested` if set; else one thread per core this process may run on (its CPU affinity, which
+    containers and `taskset` narrow), shared among the processes of this machine in a multi-process
+    run (torchrun / accelerate set LOCAL_WORLD_SIZE). Runs that must be bit-identical should set
+    `threads` explicitly, since results can depend on the thread count."""
     if requested:
         return requested
-    default = torch.get_num_threads()
     try:
-        load = os.getloadavg()[0]
-    except (OSError, AttributeError):
-        return default
-    cores = os.cpu_count() or default
-    return max(1, min(default, int(cores - load + 0.5)))
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
+    return max(1, cores // local_processes)
 
 
 def _adamw(groups, config):

@@ -42,7 +42,6 @@ from loraforge.train.config import (
     config_from_args,
     config_to_yaml,
     resolve_config,
-    save_config,
 )
 from loraforge.train.loop import TrainResult
 from loraforge.train.task import Task
@@ -357,14 +356,11 @@ def train_text(config: TextTrainConfig | None = None, /, **overrides) -> TrainRe
     ``<output_dir>/train_config.yaml``; the adapter (PEFT's format) goes to `result.adapter_dir`.
     Prints what the training prints (data report, progress, eval losses); nothing else.
     """
-    from accelerate import PartialState
 
     from loraforge.train.loop import train
 
     config = resolve_config(TextTrainConfig, config, overrides)
     task = TextTask(config)  # reads and checks the data
-    if PartialState(cpu=not torch.cuda.is_available()).is_main_process:
-        save_config(config, Path(config.output_dir) / CONFIG_NAME)
     return train(task, config)
 
 
@@ -385,7 +381,9 @@ def run(args: argparse.Namespace) -> int:
     result = train_text(config)
     if result.interrupted:
         return 130
-    if main:
+    if main and result.already_finished:
+        print(f"{result.done_line()}; its adapter: {result.adapter_dir}")
+    elif main:
         print(_summary(result, config))
         sys.stdout.flush()
     return 0
@@ -395,9 +393,7 @@ def _summary(result: TrainResult, config: TextTrainConfig) -> str:
     """The closing lines: losses, where everything went, and how to use the adapter."""
     out, adapter, task = Path(config.output_dir), result.adapter_dir, result.task
     summary = [
-        f"done: {result.steps} steps in {result.elapsed_s:.0f}s ({result.tokens:,} tokens); final train loss "
-        f"{result.train_loss:.4f}"
-        + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""),
+        result.done_line(),
         f"adapter: {adapter}   (config: {out / CONFIG_NAME}, metrics: {out / 'metrics.csv'}, curve: {out / 'loss.png'})",
         "use it:",
     ]
