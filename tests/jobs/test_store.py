@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from loraforge.errors import DataError, NotFound, UserError
-from loraforge.jobs.cid import CHUNK_SIZE, add_path, cid_of, is_cid, to_v1
+from loraforge.jobs.cid import CHUNK_SIZE, cid_of, is_cid
 from loraforge.jobs.store import Store, loraforge_home
 
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -102,7 +102,7 @@ def test_default_root(monkeypatch, tmp_path):
     assert loraforge_home() == tmp_path / "home" / ".cache" / "loraforge"
     monkeypatch.setenv("LORAFORGE_HOME", str(tmp_path / "lf"))
     assert Store().root == tmp_path / "lf" / "store"
-    assert (tmp_path / "lf" / "store" / "blocks").is_dir()
+    assert (tmp_path / "lf" / "store" / "files").is_dir()
 
 
 def test_records(store, content):
@@ -132,22 +132,31 @@ def test_records(store, content):
     assert store.verify_object(result_cid)
 
 
-def test_fsck_reports_exactly_the_damaged_block(store, content, tmp_path):
+@pytest.mark.parametrize("kind", ["files", "dirs", "records"])
+def test_fsck_reports_exactly_the_damaged_object(store, content, tmp_path, kind):
     cid = store.add(content)
-    _, blocks = add_path(content)
-    victim = next(c for c, b in blocks.items() if len(b) == CHUNK_SIZE + 14)  # a v0 leaf of the big file
-    path = store._path(victim)
+    store.put_record({"inputs": cid})
+    victim = {
+        "files": cid_of(content / "adapter_model.safetensors"),
+        "dirs": cid_of(content / "logs"),
+        "records": store.records()[0],
+    }[kind]
+    path = store._path(kind, victim)
     os.chmod(path, 0o644)
     data = bytearray(path.read_bytes())
-    data[1000] ^= 0x01
+    data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
-    assert store.fsck() == [to_v1(victim)]
+    assert store.fsck() == [victim]
+    if kind == "records":
+        with pytest.raises(DataError, match="damaged"):
+            store.get_record(victim)
+        return
     assert not store.verify_object(cid)
     with pytest.raises(DataError, match="damaged"):
         store.export_dir(cid, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     # Adding the same content again does not rewrite a block it believes present: remove it first.
-    assert store.fsck(remove=True) == [to_v1(victim)]
+    assert store.fsck(remove=True) == [victim]
     assert store.add(content) == cid
     assert store.fsck() == [] and store.verify_object(cid)
 
@@ -161,9 +170,7 @@ def test_gc_keeps_pinned_and_recorded(store, tmp_path):
     store.pin(cids["pinned"])
     record = store.put_record({"result": cids["recorded"], "inputs": {"deep": [cids["nested"]]}})
     removed = store.gc()
-    _, unpinned_blocks = add_path(trees["unpinned"])
-    _, kept_blocks = add_path(trees["pinned"])
-    assert set(removed) == {to_v1(c) for c in unpinned_blocks} - {to_v1(c) for c in kept_blocks}
+    assert removed == sorted([cids["unpinned"], cid_of(trees["unpinned"] / "own.bin")])  # shared.txt is kept
     assert not store.has(cids["unpinned"])
     for name in ("pinned", "recorded", "nested"):
         assert store.verify_object(cids[name])
@@ -171,7 +178,7 @@ def test_gc_keeps_pinned_and_recorded(store, tmp_path):
     store.unpin(cids["pinned"])
     store.remove_record(record)
     store.gc()
-    assert list(store._block_files()) == []
+    assert list(store._objects()) == []
     assert store.fsck() == []
 
 
@@ -181,23 +188,23 @@ def test_sigkill_mid_add(store, tmp_path):
     big = make_tree(tmp_path / "big", {f"part{i}/shard.bin": rand(8 * CHUNK_SIZE, i) for i in range(40)})
     script = """
         import time
-        from pathlib import Path
-        store = Store(sys.argv[1])
-        put = Store._put
-        def slow(self, block):  # makes the add last long enough to be killed in the middle
-            put(self, block)
-            time.sleep(0.003)
-        Store._put = slow
-        store.add(sys.argv[2])
+        from loraforge.jobs import store as module
+        write = module._Sink.write
+        def slow(self, chunk):  # makes the add last long enough to be killed in the middle of a file
+            write(self, chunk)
+            time.sleep(0.002)
+        module._Sink.write = slow
+        Store(sys.argv[1]).add(sys.argv[2])
     """
     proc = child(script, store.root, str(big))
     deadline = time.time() + 120
-    while sum(1 for _ in store._block_files()) < 60 and time.time() < deadline:
+    while sum(1 for _ in store._objects()) < 10 and time.time() < deadline:
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     assert store.pins() == []  # it really was killed mid-add
-    assert 60 <= sum(1 for _ in store._block_files()) < 40 * 9
+    assert 10 <= sum(1 for _ in store._objects()) < 81
+    assert len(os.listdir(store.root / "tmp")) == 1  # the file it was copying, never visible as an object
     assert store.fsck() == []
     cid = store.add(big)
     assert cid == cid_of(big) and store.verify_object(cid)
@@ -221,8 +228,8 @@ def test_sigkill_before_rename(store, content):
     """
     proc = child(script, store.root, str(content))
     assert proc.wait(60) == -signal.SIGKILL
-    assert [p.suffix for p in (store.root / "tmp").iterdir()] == [".block"]
-    assert sum(1 for _ in store._block_files()) == 2 and store.fsck() == []
+    assert len(os.listdir(store.root / "tmp")) == 1
+    assert sum(1 for _ in store._objects()) == 2 and store.fsck() == []
     assert os.listdir(store.root / "tmp") == []  # fsck cleared it
     cid = store.add(content)
     assert store.verify_object(cid)

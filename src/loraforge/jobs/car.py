@@ -8,7 +8,8 @@ Layout (https://ipld.io/specs/transport/car/carv1/)::
 The header is dag-cbor: a map {"roots": [CID, ...], "version": 1}, keys in dag-cbor order (shorter
 first), each CID as CBOR tag 42 on a byte string of 0x00 (the "identity" multibase prefix) + the
 binary CID. Binary CIDs in sections are as in links: for CIDv0 the bare 34-byte multihash.
-Blocks are written root first, depth first, each once; readers accept any order.
+Each block is written once, in the order given (the store: a directory before its entries, a file's
+leaves before the nodes above them); readers, `ipfs dag import` included, accept any order.
 """
 
 from __future__ import annotations

@@ -29,12 +29,14 @@ How a file or directory becomes blocks (kubo's defaults, matched byte for byte):
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import os
 from collections import deque
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 from loraforge.errors import DataError, NotFound, UserError
 from loraforge.jobs import unixfs
@@ -147,6 +149,7 @@ class Block(NamedTuple):
 
     cid: str
     parts: tuple[bytes, ...]
+    directory: bool = False  # a directory's node (the others are a file's leaves and inner nodes)
 
     @property
     def data(self) -> bytes:
@@ -157,24 +160,34 @@ class Block(NamedTuple):
         return sum(len(p) for p in self.parts)
 
 
+class FileSink(Protocol):
+    """Receives a file's bytes as they are read, then the file's CID (see iter_blocks' `sink_for`)."""
+
+    def write(self, chunk: bytes) -> object: ...
+
+    def done(self, cid: str) -> None: ...
+
+
 class _Added(NamedTuple):
+    cid: str
     link: Link  # name left empty: the parent names it
     filesize: int  # file bytes under it (files only)
 
 
 class _Builder:
-    def __init__(self, cid_version: int, hidden: bool):
+    def __init__(self, cid_version: int, hidden: bool, sink_for=None):
         if cid_version not in (0, 1):
             raise UserError(f"cid_version must be 0 or 1, not {cid_version!r}")
         self.version = cid_version
         self.hidden = hidden
+        self.sink_for = sink_for
 
-    def block(self, parts: tuple[bytes, ...], codec: int, filesize: int, below: int = 0):
+    def block(self, parts: tuple[bytes, ...], codec: int, filesize: int, below: int = 0, directory=False):
         """Yields the block; returns what a parent needs to link to it."""
         cid = make_cid(digest_of(parts), codec, self.version)
-        yield Block(cid, parts)
+        yield Block(cid, parts, directory)
         size = sum(len(p) for p in parts)
-        return _Added(Link(cid_to_bytes(cid), b"", size + below), filesize)
+        return _Added(cid, Link(cid_to_bytes(cid), b"", size + below), filesize)
 
     def leaf(self, chunk: bytes):
         if self.version == 1:  # raw leaves
@@ -192,9 +205,12 @@ class _Builder:
         # bottom-up. This builds the same tree as kubo's top-down balanced layout, with at most
         # 174 pending links per level in memory.
         levels: list[list[_Added]] = [[]]
-        with open(path, "rb", buffering=0) as f:
+        sink = self.sink_for(path) if self.sink_for else contextlib.nullcontext()
+        with open(path, "rb", buffering=0) as f, sink as out:
             chunk = _read_full(f, CHUNK_SIZE)
             while True:
+                if out is not None:
+                    out.write(chunk)
                 levels[0].append((yield from self.leaf(chunk)))
                 depth = 0
                 while len(levels[depth]) == MAX_LINKS:
@@ -203,11 +219,13 @@ class _Builder:
                 chunk = _read_full(f, CHUNK_SIZE)
                 if not chunk:
                     break
-        depth = 0
-        while len(levels[depth]) != 1 or any(levels[depth + 1 :]):
-            if levels[depth]:
-                yield from self.close(levels, depth)
-            depth += 1
+            depth = 0
+            while len(levels[depth]) != 1 or any(levels[depth + 1 :]):
+                if levels[depth]:
+                    yield from self.close(levels, depth)
+                depth += 1
+            if out is not None:
+                out.done(levels[depth][0].cid)
         return levels[depth][0]
 
     def close(self, levels: list[list[_Added]], depth: int):
@@ -234,7 +252,7 @@ class _Builder:
             child = yield from self.any(Path(entry.path))
             links.append(child.link._replace(name=os.fsencode(entry.name)))
         data = unixfs.directory_node(links)
-        return (yield from self.block((data,), DAG_PB, 0, sum(link.tsize for link in links)))
+        return (yield from self.block((data,), DAG_PB, 0, sum(link.tsize for link in links), directory=True))
 
     def any(self, path: Path) -> Generator[Block, None, _Added]:
         if path.is_symlink():
@@ -259,11 +277,18 @@ def _read_full(f, size: int) -> bytes:
     return data
 
 
-def iter_blocks(path: str | Path, cid_version: int = 0, hidden: bool = False) -> Iterator[Block]:
+def iter_blocks(
+    path: str | Path,
+    cid_version: int = 0,
+    hidden: bool = False,
+    sink_for: Callable[[Path], AbstractContextManager[FileSink]] | None = None,
+) -> Iterator[Block]:
     """Every block of `path` (a file or a directory), children before parents: the last is the root.
 
-    Streams: a file is read 256 KiB at a time and never held whole in memory."""
-    yield from _Builder(cid_version, hidden).any(Path(path))
+    Streams: a file is read 256 KiB at a time and never held whole in memory. With `sink_for`, each
+    file's bytes also go, as they are read, to the sink `sink_for(file path)` opens, which is then told
+    the file's CID (so that a store copies a file in the same pass that hashes it)."""
+    yield from _Builder(cid_version, hidden, sink_for).any(Path(path))
 
 
 def cid_of(path: str | Path, cid_version: int = 0, hidden: bool = False) -> str:

@@ -1,27 +1,35 @@
-"""A local content-addressed store: IPFS blocks by CID, pins, and job records.
+"""A local content-addressed store of files, directories and job records, named by their IPFS CIDs.
 
 Layout under the root (default: $LORAFORGE_HOME/store, else $XDG_CACHE_HOME/loraforge/store, else
 ~/.cache/loraforge/store)::
 
-    blocks/<xy>/<cid>   one file per block, named by its CIDv1 (base32: safe on case-insensitive
-                        file systems; a ``Qm…`` block is filed under its ``bafy…`` name), <xy> = the
-                        name's last two characters; read-only once written
+    files/<xy>/<cid>    a file's bytes, named by the file's CID (the root of its UnixFS DAG)
+    dirs/<xy>/<cid>     a directory's dag-pb block (its entries' names and CIDs)
+    records/<cid>       a job record: canonical JSON, named by its raw CIDv1
     pins/<cid>          empty files: roots kept by gc (add pins what it adds, as `ipfs add` does)
-    records/<cid>       empty files: the job records; a record is itself a raw block (its JSON)
     tmp/                temporaries and work directories; never read as objects
     lock                the fcntl lock (see below)
 
-Safety. Every file appears by os.replace of a finished temporary, so a killed process never leaves
+<xy> is the CID's last two characters; objects are read-only once written. Names are the CIDs as
+made (``Qm…`` for CIDv0, ``bafy…``/``bafk…`` for v1): the version says how a file was chunked.
+
+Why files and not blocks: a 7 GB model is 28,000 blocks of 256 KiB, and creating a file costs far
+more than writing 256 KiB into one, so add writes each file once, in the pass that hashes it, and
+export_dir copies it back; the blocks of a file (v0 leaves, inner nodes) are rebuilt from its bytes
+when a CAR needs them, which also checks them. fsck re-derives every file's CID from its bytes.
+
+Safety. Every object appears by os.replace of a finished temporary, so a killed process never leaves
 half an object visible; it may leave temporaries, which the next writer that finds itself alone
 (or fsck, or gc) deletes. Writers (add, put_record, pin, export) hold a shared flock on `lock`;
-gc holds it exclusively, so it never deletes the blocks of an add in progress. Two writers never
+gc holds it exclusively, so it never deletes the objects of an add in progress. Two writers never
 conflict: both write whole files named by content, and the same name means the same bytes.
-Blocks are not fsynced one by one (that would halve add's speed): a power cut can lose or damage
-recent blocks, which fsck then reports and `fsck(remove=True)` clears for a re-add.
+Objects are not fsynced one by one (durability against process kills is what rename gives; fsync
+would cost most of add's speed): a power cut can lose or damage recent objects, which fsck then
+reports and `fsck(remove=True)` clears for a re-add.
 
 A record is JSON (any dict: module, version, params, input and result CIDs, environment, metrics,
-log, timings), stored canonically (sorted keys, no spaces, UTF-8) as a raw CIDv1 block. Every string
-in a record that is a CID keeps that object alive through gc.
+log, timings), stored canonically (sorted keys, no spaces, UTF-8) and named by the raw CIDv1 of those
+bytes. Every string in a record that is a CID keeps that object alive through gc.
 """
 
 from __future__ import annotations
@@ -36,10 +44,11 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from loraforge.errors import DataError, NotFound, UserError
 from loraforge.jobs import car, unixfs
-from loraforge.jobs.cid import RAW, Block, cid_from_bytes, is_cid, iter_blocks, make_cid, parse_cid, to_v1
+from loraforge.jobs.cid import RAW, Block, cid_from_bytes, cid_of, is_cid, iter_blocks, make_cid, parse_cid
 
 
 def loraforge_home() -> Path:
@@ -55,7 +64,7 @@ def loraforge_home() -> Path:
 class Store:
     def __init__(self, root: str | Path | None = None):
         self.root = Path(root) if root is not None else loraforge_home() / "store"
-        for sub in ("blocks", "pins", "records", "tmp"):
+        for sub in ("files", "dirs", "records", "pins", "tmp"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self._made_dirs: set[Path] = set()
 
@@ -107,77 +116,84 @@ class Store:
             shutil.rmtree(path, ignore_errors=True)
             os.close(lock)
 
-    # --- blocks ------------------------------------------------------------------------------
+    # --- objects -------------------------------------------------------------------------------
 
-    def _path(self, cid: str) -> Path:
-        name = to_v1(cid)
-        return self.root / "blocks" / name[-2:] / name
+    def _path(self, kind: str, cid: str) -> Path:
+        if kind == "records":
+            return self.root / kind / cid
+        return self.root / kind / cid[-2:] / cid
 
-    def _put(self, block: Block) -> None:
-        path = self._path(block.cid)
-        if path.exists():  # same name, same bytes (fsck checks that)
+    def _kind(self, cid: str) -> str | None:
+        """ "dirs", "files", "records", or None when the store does not hold `cid`."""
+        for kind in ("dirs", "files", "records"):
+            if self._path(kind, cid).exists():
+                return kind
+        return None
+
+    def _publish(self, tmp: str, path: Path) -> None:
+        """Makes a finished temporary visible under its CID name, read-only; the same name already
+        there means the same bytes, so the temporary is then dropped."""
+        if path.exists():
+            os.unlink(tmp)
             return
+        os.chmod(tmp, 0o444)
         if path.parent not in self._made_dirs:
             path.parent.mkdir(exist_ok=True)
             self._made_dirs.add(path.parent)
-        fd, tmp = tempfile.mkstemp(dir=self.root / "tmp", suffix=".block")
-        try:
-            with open(fd, "wb") as f:
-                for part in block.parts:
-                    f.write(part)
-                os.fchmod(f.fileno(), 0o444)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        os.replace(tmp, path)
 
-    def get_block(self, cid: str) -> bytes:
-        """A block's bytes, checked against its CID (NotFound if absent, DataError if damaged)."""
+    def _put(self, path: Path, data: bytes) -> None:
+        if path.exists():
+            return
+        fd, tmp = tempfile.mkstemp(dir=self.root / "tmp")
+        with _removed_on_error(tmp):
+            with open(fd, "wb") as f:
+                f.write(data)
+            self._publish(tmp, path)
+
+    @contextlib.contextmanager
+    def _file_sink(self, source: Path):
+        """Where add copies a file while hashing it: a temporary, published as files/<cid> when done."""
+        fd, tmp = tempfile.mkstemp(dir=self.root / "tmp")
+        with _removed_on_error(tmp), open(fd, "wb") as f:
+
+            def publish(cid: str) -> None:
+                f.close()
+                self._publish(tmp, self._path("files", cid))
+
+            yield _Sink(f, publish)
+
+    def _read_checked(self, kind: str, cid: str) -> bytes:
+        """A directory's block or a record, checked against its CID."""
         try:
-            data = self._path(cid).read_bytes()
+            data = self._path(kind, cid).read_bytes()
         except FileNotFoundError:
             raise NotFound(f"{cid} is not in the store {self.root}") from None
         if hashlib.sha256(data).digest() != parse_cid(cid)[2]:
-            raise DataError(f"block {to_v1(cid)} in {self.root} is damaged; `fsck` lists damaged blocks")
+            raise DataError(f"{cid} in {self.root} is damaged; `fsck` lists damaged objects")
         return data
 
+    def _entries(self, cid: str) -> list[tuple[str, str]]:
+        """(name, CID) of each entry of the directory `cid`."""
+        links = unixfs.decode(self._read_checked("dirs", cid)).links
+        return [(os.fsdecode(link.name), cid_from_bytes(link.cid)) for link in links]
+
     def has(self, cid: str) -> bool:
-        """Whether the store holds the block `cid` (its root block; verify_object checks the rest)."""
-        return self._path(cid).exists()
-
-    def _children(self, cid: str, data: bytes | None = None) -> list[str]:
-        if parse_cid(cid)[1] == RAW:
-            return []
-        if data is None:
-            with open(self._path(cid), "rb") as f:
-                # Canonical dag-pb puts Links (field 2) before Data (field 1): a block that starts
-                # with Data (0x0a) has no links, so a 256 KiB v0 leaf need not be read.
-                if f.read(1) == b"\x0a":
-                    return []
-            data = self._path(cid).read_bytes()
-        return [cid_from_bytes(link.cid) for link in unixfs.decode(data).links]
-
-    def _walk(self, root: str) -> Iterator[Block]:
-        """The DAG's blocks, checked, root first, depth first, each once."""
-        seen, stack = set(), [root]
-        while stack:
-            cid = stack.pop()
-            if to_v1(cid) in seen:
-                continue
-            seen.add(to_v1(cid))
-            data = self.get_block(cid)
-            yield Block(cid, (data,))
-            stack.extend(reversed(self._children(cid, data)))
+        """Whether the store holds the file, directory or record `cid` (not its entries: see verify_object)."""
+        return self._kind(cid) is not None
 
     # --- adding --------------------------------------------------------------------------------
 
     def add(self, path: str | Path, cid_version: int = 0, hidden: bool = False, pin: bool = True) -> str:
-        """Adds a file or directory (as `ipfs add -r`, see loraforge.jobs.cid) and returns its CID."""
+        """Adds a file or directory (as `ipfs add -r`, see loraforge.jobs.cid) and returns its CID.
+
+        Each file is copied in the same pass that hashes it; only directory nodes are kept as blocks
+        (a file's leaves and inner nodes are rebuilt from its bytes when a CAR needs them)."""
         with self._locked():
             root = None
-            for block in iter_blocks(path, cid_version, hidden):
-                self._put(block)
+            for block in iter_blocks(path, cid_version, hidden, sink_for=self._file_sink):
+                if block.directory:
+                    self._put(self._path("dirs", block.cid), block.data)
                 root = block.cid
             if pin:
                 self._mark("pins", root)
@@ -209,14 +225,13 @@ class Store:
         data = json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
         cid = make_cid(hashlib.sha256(data).digest(), RAW, 1)
         with self._locked():
-            self._put(Block(cid, (data,)))
-            self._mark("records", cid)
+            self._put(self._path("records", cid), data)
         return cid
 
     def get_record(self, cid: str) -> dict:
-        if not (self.root / "records" / cid).exists():
+        if not self._path("records", cid).exists():
             raise NotFound(f"no job record {cid} in {self.root}")
-        return json.loads(self.get_block(cid))
+        return json.loads(self._read_checked("records", cid))
 
     def records(self) -> list[str]:
         return sorted(os.listdir(self.root / "records"))
@@ -230,7 +245,8 @@ class Store:
 
     def export_dir(self, cid: str, dest: str | Path) -> Path:
         """Rebuilds the file or directory `cid` at `dest` (which must not exist), exactly: same names,
-        same bytes. Built beside `dest` and renamed into place, so `dest` appears complete or not at all."""
+        same bytes, every file checked against its CID on the way. Built beside `dest` and renamed
+        into place, so `dest` appears complete or not at all."""
         dest = Path(dest)
         if dest.exists() or dest.is_symlink():
             raise UserError(f"{dest} already exists; export into a new path")
@@ -245,69 +261,88 @@ class Store:
         return dest
 
     def _materialize(self, cid: str, path: Path) -> None:
-        data = self.get_block(cid)
-        if parse_cid(cid)[1] == RAW:
-            path.write_bytes(data)
-            return
-        node = unixfs.decode(data)
-        if node.type == unixfs.DIRECTORY:
+        kind = self._kind(cid)
+        if kind == "dirs":
             path.mkdir()
-            for link in node.links:
-                name = os.fsdecode(link.name)
+            for name, child in self._entries(cid):
                 if name in ("", ".", "..") or "/" in name or "\0" in name:
                     raise DataError(f"directory {cid} has an unsafe entry name {name!r}")
-                self._materialize(cid_from_bytes(link.cid), path / name)
-        elif node.type == unixfs.FILE:
-            with open(path, "wb") as f:
-                for chunk in self._file_data(cid, node):
-                    f.write(chunk)
+                self._materialize(child, path / name)
+        elif kind == "files":
+            with open(path, "wb") as out:
+                self._check_file(cid, out)
         else:
-            raise DataError(f"{cid} is a UnixFS node of type {node.type}, which loraforge does not export")
+            raise NotFound(f"{cid} is not a file or directory in the store {self.root}")
 
-    def _file_data(self, cid: str, node: unixfs.Node) -> Iterator[bytes]:
-        yield node.data
-        for link in node.links:
-            child = cid_from_bytes(link.cid)
-            data = self.get_block(child)
-            if parse_cid(child)[1] == RAW:
-                yield data
-            else:
-                yield from self._file_data(child, unixfs.decode(data))
+    def _file_blocks(self, cid: str, out: BinaryIO | None = None) -> Iterator[Block]:
+        """The blocks of the stored file `cid`, rebuilt from its bytes (copied to `out` on the way);
+        DataError at the end if they no longer make `cid`."""
+        copy = (lambda _path: contextlib.nullcontext(_Sink(out))) if out else None
+        blocks = iter_blocks(self._path("files", cid), _version(cid), sink_for=copy)
+        block = None
+        for block in blocks:
+            yield block
+        if block.cid != cid:
+            raise DataError(f"file {cid} in {self.root} is damaged; `fsck` lists damaged objects")
+
+    def _check_file(self, cid: str, out: BinaryIO | None = None) -> None:
+        for _ in self._file_blocks(cid, out):
+            pass
+
+    def _walk(self, cid: str, seen: set[str]) -> Iterator[Block]:
+        """Every block of the DAG `cid`, each once: a directory before its entries, a file's leaves first."""
+        kind = self._kind(cid)
+        if kind == "dirs":
+            if cid not in seen:
+                seen.add(cid)
+                yield Block(cid, (self._read_checked("dirs", cid),), directory=True)
+            for _, child in self._entries(cid):
+                yield from self._walk(child, seen)
+        elif kind == "files":
+            for block in self._file_blocks(cid):
+                if block.cid not in seen:
+                    seen.add(block.cid)
+                    yield block
+        else:
+            raise NotFound(f"{cid} is not a file or directory in the store {self.root}")
 
     def export_car(self, cid: str, dest: str | Path) -> Path:
-        """Writes the DAG `cid` as a CARv1 file (root first), atomically."""
+        """Writes the DAG `cid` as a CARv1 file, every block checked, atomically."""
         dest = Path(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-        try:
+        with _removed_on_error(tmp):
             with open(fd, "wb") as f, self._locked():
-                car.write_car(f, [cid], self._walk(cid))
+                car.write_car(f, [cid], self._walk(cid, set()))
             os.replace(tmp, dest)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
         return dest
 
     # --- checking and collecting ---------------------------------------------------------------
 
     def verify_object(self, cid: str) -> bool:
-        """Whether every block of the DAG `cid` is present and matches its CID."""
+        """Whether the file, directory or record `cid`, and everything under it, is present and intact."""
         try:
-            for _ in self._walk(cid):
-                pass
+            if self._kind(cid) == "records":
+                self._read_checked("records", cid)
+            else:
+                for _ in self._walk(cid, set()):
+                    pass
         except (NotFound, DataError):
             return False
         return True
 
-    def _block_files(self) -> Iterator[os.DirEntry]:
-        for shard in os.scandir(self.root / "blocks"):
-            if shard.is_dir(follow_symlinks=False):
-                yield from os.scandir(shard.path)
+    def _objects(self) -> Iterator[tuple[str, Path]]:
+        """(kind, path) of every stored file and directory."""
+        for kind in ("dirs", "files"):
+            for shard in os.scandir(self.root / kind):
+                if shard.is_dir(follow_symlinks=False):
+                    for entry in os.scandir(shard.path):
+                        yield kind, Path(entry.path)
 
     def fsck(self, remove: bool = False) -> list[str]:
-        """Every stored block whose bytes no longer hash to its name (CIDv1 form), sorted; deleted too
-        if `remove`, so that adding the content again restores them. Also clears dead temporaries."""
+        """The CIDs of the stored files, directories and records whose bytes no longer make their CID,
+        sorted; deleted too if `remove`, so that adding the content again restores them. Also clears
+        dead temporaries."""
         fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             with contextlib.suppress(BlockingIOError):
@@ -315,44 +350,76 @@ class Store:
                 self._clean_tmp()
         finally:
             os.close(fd)
+        objects = [*self._objects(), *(("records", self._path("records", c)) for c in self.records())]
         bad = []
-        for entry in self._block_files():
+        for kind, path in objects:
+            cid = path.name
             try:
-                with open(entry.path, "rb") as f:
-                    ok = (
-                        is_cid(entry.name)
-                        and hashlib.file_digest(f, "sha256").digest() == parse_cid(entry.name)[2]
-                    )
+                if kind == "files":
+                    ok = is_cid(cid) and cid_of(path, _version(cid)) == cid
+                else:
+                    with open(path, "rb") as f:
+                        ok = is_cid(cid) and hashlib.file_digest(f, "sha256").digest() == parse_cid(cid)[2]
             except FileNotFoundError:  # removed by a gc meanwhile
                 continue
+            except UserError:  # e.g. a directory's entry where a file should be
+                ok = False
             if not ok:
-                bad.append(entry.name)
+                bad.append(cid)
                 if remove:
-                    os.unlink(entry.path)
+                    os.unlink(path)
         return sorted(bad)
 
     def gc(self) -> list[str]:
-        """Deletes every block that no pin and no record reaches; returns their CIDs (v1 form)."""
+        """Deletes every file and directory that no pin and no record reaches; returns their CIDs."""
         with self._locked(exclusive=True):
             roots = [name for name in self.pins() + self.records() if is_cid(name)]
             for record in self.records():
                 with contextlib.suppress(NotFound, DataError, ValueError):
-                    roots += [s for s in _strings(json.loads(self.get_block(record))) if is_cid(s)]
-            live = set()
-            stack = [to_v1(r) for r in roots]
+                    roots += [s for s in _strings(self.get_record(record)) if is_cid(s)]
+            live, stack = set(), roots
             while stack:
                 cid = stack.pop()
                 if cid in live:
                     continue
                 live.add(cid)
-                with contextlib.suppress(FileNotFoundError, DataError):  # missing or damaged: nothing below
-                    stack.extend(to_v1(c) for c in self._children(cid))
+                if self._path("dirs", cid).exists():
+                    with contextlib.suppress(DataError):  # damaged: nothing below it is reachable
+                        stack.extend(child for _, child in self._entries(cid))
             removed = []
-            for entry in self._block_files():
-                if entry.name not in live:
-                    os.unlink(entry.path)
-                    removed.append(entry.name)
+            for _, path in self._objects():
+                if path.name not in live:
+                    os.unlink(path)
+                    removed.append(path.name)
         return sorted(removed)
+
+
+class _Sink:
+    """A cid.FileSink: a file's bytes go to `out`, then its CID to `on_done`."""
+
+    def __init__(self, out: BinaryIO, on_done=None):
+        self.out, self.on_done = out, on_done
+
+    def write(self, chunk: bytes) -> None:
+        self.out.write(chunk)
+
+    def done(self, cid: str) -> None:
+        if self.on_done:
+            self.on_done(cid)
+
+
+def _version(cid: str) -> int:
+    return parse_cid(cid)[0]
+
+
+@contextlib.contextmanager
+def _removed_on_error(tmp: str):
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def _in_use(lock_path: Path) -> bool:
