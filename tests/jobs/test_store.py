@@ -93,6 +93,20 @@ def test_missing_objects(store, tmp_path):
         store.get_record(unknown)
 
 
+def test_names_must_be_cids(store, tmp_path):
+    (tmp_path / "victim").write_text("keep")
+    for bad in ["../../victim", "bafy", "BAFKREIHDWDCEFGH4DQKJV67UZCMW7OJEE6XEDZDETOJUZJEVTENXQUVYKU"]:
+        with pytest.raises(DataError, match="not a CID"):
+            store.unpin(bad)
+        with pytest.raises(DataError):
+            store.remove_record(bad)
+        with pytest.raises(DataError):
+            store.has(bad)
+    assert (tmp_path / "victim").read_text() == "keep"
+    with pytest.raises(UserError, match="JSON"):
+        store.put_record({"x": object()})
+
+
 def test_default_root(monkeypatch, tmp_path):
     monkeypatch.delenv("LORAFORGE_HOME", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))

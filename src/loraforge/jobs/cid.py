@@ -101,6 +101,8 @@ def parse_cid(cid: str) -> tuple[int, int, bytes]:
             raise ValueError(f"CID version {version}, codec {codec:#x}: not dag-pb or raw")
         if multihash[:2] != bytes([SHA2_256, 32]) or len(multihash) != 34:
             raise ValueError("not a sha2-256 multihash")
+        if make_cid(multihash[2:], codec, version) != cid:  # one spelling per CID: it names files
+            raise ValueError("not in canonical form (base32 CIDs are lowercase)")
     except (ValueError, DataError) as e:  # binascii.Error is a ValueError
         raise DataError(f"{cid!r} is not a CID: {e}") from None
     return version, codec, multihash[2:]

@@ -119,6 +119,7 @@ class Store:
     # --- objects -------------------------------------------------------------------------------
 
     def _path(self, kind: str, cid: str) -> Path:
+        parse_cid(cid)  # DataError for anything else: a CID is a safe file name, "../x" is not
         if kind == "records":
             return self.root / kind / cid
         return self.root / kind / cid[-2:] / cid
@@ -201,6 +202,7 @@ class Store:
 
     def _mark(self, kind: str, cid: str) -> None:
         # An empty file appears whole or not at all.
+        parse_cid(cid)
         with open(self.root / kind / cid, "ab"):
             pass
 
@@ -212,6 +214,7 @@ class Store:
             self._mark("pins", cid)
 
     def unpin(self, cid: str) -> None:
+        parse_cid(cid)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.root / "pins" / cid)
 
@@ -222,7 +225,11 @@ class Store:
 
     def put_record(self, record: dict) -> str:
         """Stores a job record; returns its CID (a raw CIDv1 of its canonical JSON)."""
-        data = json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        try:
+            text = json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        except (TypeError, ValueError) as e:
+            raise UserError(f"a job record must be JSON (dicts, lists, strings, numbers): {e}") from None
+        data = text.encode()
         cid = make_cid(hashlib.sha256(data).digest(), RAW, 1)
         with self._locked():
             self._put(self._path("records", cid), data)
@@ -239,7 +246,7 @@ class Store:
     def remove_record(self, cid: str) -> None:
         """Forgets a record (gc then frees what only it kept)."""
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.root / "records" / cid)
+            os.unlink(self._path("records", cid))
 
     # --- reading out ---------------------------------------------------------------------------
 
@@ -291,11 +298,12 @@ class Store:
 
     def _walk(self, cid: str, seen: set[str]) -> Iterator[Block]:
         """Every block of the DAG `cid`, each once: a directory before its entries, a file's leaves first."""
+        if cid in seen:  # a file or subdirectory seen before: so were all its blocks
+            return
         kind = self._kind(cid)
         if kind == "dirs":
-            if cid not in seen:
-                seen.add(cid)
-                yield Block(cid, (self._read_checked("dirs", cid),), directory=True)
+            seen.add(cid)
+            yield Block(cid, (self._read_checked("dirs", cid),), directory=True)
             for _, child in self._entries(cid):
                 yield from self._walk(child, seen)
         elif kind == "files":
