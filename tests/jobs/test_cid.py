@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import random
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pytest
 
 from loraforge.errors import UserError
 from loraforge.jobs import cid, unixfs
-from loraforge.jobs.cid import CHUNK_SIZE, MAX_LINKS, add_path, cid_of, iter_blocks
+from loraforge.jobs.cid import CHUNK_SIZE, MAX_LINKS, SHARDING_THRESHOLD, add_path, cid_of, iter_blocks
 
 
 def data(size: int, seed: int = 0) -> bytes:
@@ -224,14 +223,28 @@ def test_refusals(tmp_path):
         cid_of(tmp_path / "missing")
     with pytest.raises(UserError, match="cid_version"):
         cid_of(tmp_path / "target", cid_version=2)
-    big = tmp_path / "big"
-    big.mkdir()
-    # 2700 names of 64 bytes + 34-byte CIDs: over the 256 KiB estimate at which kubo shards
-    for i in range(2700):
-        (big / f"{i:064d}").touch()
+
+
+def _directory_with_estimate(path: Path, estimate: int) -> Path:
+    """2000 empty files whose names add up so that sum(len(name) + 34) == estimate (kubo's CIDv0 estimate)."""
+    path.mkdir()
+    lengths = [(estimate - 2000 * 34) // 2000] * 2000
+    lengths[-1] += estimate - 2000 * 34 - sum(lengths)
+    for i, length in enumerate(lengths):
+        (path / f"{i:05d}".ljust(length, "x")).touch()
+    return path
+
+
+def test_sharding_threshold_is_kubos(kubo, tmp_path, monkeypatch):
+    """kubo stores a directory as a HAMT shard from an estimate of 262144 on: one less is a plain
+    directory (and equal); at the threshold our refusal starts, and kubo's CID is not the plain one."""
+    below = _directory_with_estimate(tmp_path / "below", SHARDING_THRESHOLD - 1)
+    assert cid_of(below) == kubo.add(below)
+    at = _directory_with_estimate(tmp_path / "at", SHARDING_THRESHOLD)
     with pytest.raises(UserError, match="sharded"):
-        cid_of(big)
-    shutil.rmtree(big)
+        cid_of(at)
+    monkeypatch.setattr(cid, "SHARDING_THRESHOLD", 10**9)
+    assert cid_of(at) != kubo.add(at)
 
 
 def test_cid_strings_round_trip():

@@ -20,9 +20,9 @@ How a file or directory becomes blocks (kubo's defaults, matched byte for byte):
 - Every link's Tsize is the linked block's size plus all of its descendants' block sizes.
 - Names starting with "." inside a directory are skipped, as `ipfs add -r` does without --hidden
   (pass hidden=True to include them); the path given is added whatever its name.
-- Directories whose links would pass kubo's sharding threshold (256 KiB, estimated as kubo does:
-  the sum of name length + binary CID length over the links) become HAMT shards in kubo; they are
-  refused here with a UserError. Symbolic links and special files are refused too (kubo would
+- A directory whose links' estimated size (kubo's estimate: the sum of name length + binary CID
+  length) reaches 262144 becomes a HAMT shard in kubo (tested: one byte less stays plain); such
+  directories are refused here with a UserError. Symbolic links and special files are refused too (kubo would
   store a symlink as the link, not the file it points to, which is rarely what a job wants).
 """
 
