@@ -8,3 +8,6 @@ if ! $PY -c "import torch" 2>/dev/null; then
   $PY -m pip install -q "torch==2.13.0"
 fi
 $PY -m pip install -q -e ".[all]"
+# The tests' IPFS oracle: kubo built as a shared library. --no-deps: its Python wrapper needs a package
+# that is not published, and the tests call the library through ctypes instead.
+$PY -m pip install -q --no-deps "kubo-python==0.1.5"

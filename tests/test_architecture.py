@@ -17,7 +17,15 @@ PACKAGE = SRC / "loraforge"
 LAYERS = [
     ["loraforge.errors"],
     ["loraforge.config", "loraforge.layers", "loraforge.kernels", "loraforge.model", "loraforge.combine"],
-    ["loraforge.bases", "loraforge.flags", "loraforge.formats", "loraforge.data", "loraforge.examples"],
+    # loraforge.jobs: content addressing (CIDs, CAR, the store); the job runner on top of it comes later.
+    [
+        "loraforge.bases",
+        "loraforge.flags",
+        "loraforge.formats",
+        "loraforge.data",
+        "loraforge.examples",
+        "loraforge.jobs",
+    ],
     ["loraforge.runtime"],
     ["loraforge.train", "loraforge.infer"],
     ["loraforge.eval", "loraforge.tools"],
