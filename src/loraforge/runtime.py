@@ -130,6 +130,32 @@ def describe_base(name: str) -> str:
     return f"{name} (embedded)" if name in EMBEDDED_BASES else name
 
 
+def quiet_libraries() -> None:
+    """Silences what a user cannot act on: the libraries' per-file "Loading" bars (loraforge shows
+    its own progress) and transformers' note that image processors fall back to PIL without
+    torchvision (the pipelines here never use those processors). Real warnings still show."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()
+    except ImportError:
+        pass
+    for handler in hf_logging.get_logger().handlers:
+        if not any(isinstance(f, _NoTorchvisionNote) for f in handler.filters):
+            handler.addFilter(_NoTorchvisionNote())
+    logging.getLogger("transformers").addFilter(_NoTorchvisionNote())
+
+
+class _NoTorchvisionNote:
+    def filter(self, record) -> bool:
+        return "requires torchvision" not in record.getMessage()
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
@@ -157,11 +183,10 @@ def load_text_model(
     """(model, tokenizer) for an embedded base name, a local transformers directory or a hub id.
     Without `require_tokenizer`, a base with no loadable tokenizer gives tokenizer None."""
     from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
 
     if dtype != "auto" and dtype not in DTYPES:
         raise UserError(f"dtype {dtype!r}: choose from {', '.join(DTYPES)} or auto")
-    hf_logging.disable_progress_bar()  # a per-tensor "Loading weights" bar is noise for small models
+    quiet_libraries()
     try:
         tokenizer = load_tokenizer(base, trust_remote_code)
     except NotFound:
@@ -251,6 +276,7 @@ def load_pipeline(
     `threads`: CPU threads for PyTorch. 0: PyTorch's default, except one thread for a tiny pipeline on
     CPU, whose kernels are too small to split (spare threads only spin, and on a busy machine that
     makes each step many times slower)."""
+    quiet_libraries()  # before diffusers loads the pipeline modules, which print the torchvision note
     from diffusers import DiffusionPipeline
 
     name = base or DEFAULT_IMAGE_BASE

@@ -161,3 +161,16 @@ def test_image_commands_use_the_base_the_adapter_records(trained, tiny_sd, tmp_p
     info = json.loads((trained / "adapter_info.json").read_text())
     assert info["base"] == tiny_sd
     assert load_image(adapters=[trained]).base == tiny_sd
+
+
+def test_image_commands_print_no_warnings_a_user_cannot_act_on(tiny_sd, tmp_path):
+    import subprocess
+    import sys
+
+    argv = ["generate-image", "--base", tiny_sd, "--prompt", "a circle", "--steps", "2", "--out", tmp_path]
+    proc = subprocess.run(
+        [sys.executable, "-m", "loraforge.cli", *map(str, argv)], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "torchvision" not in proc.stderr and "Loading" not in proc.stderr
+    assert "wrote 1 image(s)" in proc.stdout

@@ -80,3 +80,12 @@ def test_base_choice_rule(infer_env, tmp_path):
     assert choose_base(None, [parse_adapter_spec(str(tmp_path))], "tiny-llama") == "tiny-llama"
     with pytest.raises(NotFound, match="adapter not found"):
         choose_base(None, [parse_adapter_spec(str(tmp_path / "missing"))], "tiny-llama")
+
+
+def test_eval_text_shows_its_own_progress(infer_env, capsys):
+    from loraforge.cli import main
+
+    argv = ["eval-text", "--base", str(infer_env["base"]), "--adapter", str(infer_env["adapters"][0])]
+    assert main([*argv, "--data", str(infer_env["heldout"]), "--max-new-tokens", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "with adapter" in err and "bare base" in err and "6/6" in err and "prompt/s" in err

@@ -63,14 +63,24 @@ def _stop_token_ids(tokenizer, stops=("\n",)) -> list[int]:
 
 @torch.no_grad()
 def greedy_generations(
-    model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int, stop_ids=()
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    batch_size: int,
+    stop_ids=(),
+    label: str | None = None,
 ) -> list[str]:
-    """Greedy continuations, batched with left padding (shortest prompts together)."""
+    """Greedy continuations, batched with left padding (shortest prompts together). With `label`, a
+    progress bar on stderr counts the prompts done, their rate and the time left."""
+    from tqdm.auto import tqdm
+
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[str] = [""] * len(prompts)
+    progress = tqdm(total=len(prompts), desc=label, unit="prompt", disable=label is None, file=sys.stderr)
     for s in range(0, len(order), batch_size):
         chunk = order[s : s + batch_size]
         width = max(len(prompts[i]) for i in chunk)
@@ -92,10 +102,12 @@ def greedy_generations(
             out[i] = tokenizer.decode(gen[r, width:], skip_special_tokens=False).replace(
                 tokenizer.pad_token or "\0", ""
             )
+        progress.update(len(chunk))
+    progress.close()
     return out
 
 
-def measure(model, tokenizer, dataset, prompts, references, args, stop_ids) -> dict:
+def measure(model, tokenizer, dataset, prompts, references, args, stop_ids, label=None) -> dict:
     from loraforge.examples.text import task as checker
     from loraforge.examples.text.task import cut_generation
     from loraforge.train.text import dataset_loss
@@ -105,7 +117,7 @@ def measure(model, tokenizer, dataset, prompts, references, args, stop_ids) -> d
 
     loss = dataset_loss(model, dataset, args.batch_size)
     generations = greedy_generations(
-        model, tokenizer, [p for p in prompts], args.max_new_tokens, args.batch_size, stop_ids
+        model, tokenizer, [p for p in prompts], args.max_new_tokens, args.batch_size, stop_ids, label
     )
     prompt_texts = [tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
     triples = list(zip(prompt_texts, generations, references))
@@ -152,11 +164,15 @@ def run(args: argparse.Namespace) -> int:
 
     results = {}
     if loaded:
-        results["adapter"] = measure(model, tokenizer, dataset, prompts, references, args, stop_ids)
+        results["adapter"] = measure(
+            model, tokenizer, dataset, prompts, references, args, stop_ids, "with adapter"
+        )
         with model.disable_adapter():
-            results["base"] = measure(model, tokenizer, dataset, prompts, references, args, stop_ids)
+            results["base"] = measure(
+                model, tokenizer, dataset, prompts, references, args, stop_ids, "bare base"
+            )
     else:
-        results["base"] = measure(model, tokenizer, dataset, prompts, references, args, stop_ids)
+        results["base"] = measure(model, tokenizer, dataset, prompts, references, args, stop_ids, "bare base")
 
     summary = {name: {k: v for k, v in r.items() if k != "samples"} for name, r in results.items()}
     if loaded:
