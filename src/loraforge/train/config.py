@@ -73,6 +73,20 @@ def _lora_alias(name: str) -> property:
     return property(get, set_, doc=f"`lora.{name}` (the flat key of older configs).")
 
 
+def lora_field(lora_alpha: float, empty_targets: str, targets_doc: str | None = None):
+    """The `lora` field of a training config: r=8 at `lora_alpha`, and the help text of
+    `target_modules` saying what an empty value means for this kind of run."""
+    doc = targets_doc or (
+        'Which modules get an adapter: a list of exact module names or name suffixes (["q_proj", '
+        '"v_proj"]), a regular expression matched against the full name, or "all-linear" for every '
+        f"linear layer except the output head. Empty: {empty_targets}."
+    )
+    return field(
+        default_factory=lambda: LoraConfig(r=8, lora_alpha=lora_alpha),
+        metadata={"docs": {"target_modules": doc}},
+    )
+
+
 @dataclass
 class TrainConfig:
     """Fields shared by every training command (text and image)."""
@@ -147,16 +161,7 @@ class TrainConfig:
     strict: bool = False
     """Stop at the first bad row or file of the data instead of skipping it (bad ones are always reported)."""
 
-    lora: LoraConfig = field(
-        default_factory=lambda: LoraConfig(r=8, lora_alpha=16.0),
-        metadata={
-            "docs": {
-                "target_modules": "Which modules get an adapter: a list of exact module names or name "
-                'suffixes (["q_proj", "v_proj"]), a regular expression matched against the full name, or '
-                '"all-linear" for every linear layer except the output head. Empty: the task\'s default.'
-            }
-        },
-    )
+    lora: LoraConfig = lora_field(16.0, "the task's default")
     """The adapter: PEFT's LoraConfig fields, as a `lora:` mapping in YAML (flags --lora.FIELD). The
     flat keys of older configs, lora_r, lora_alpha, lora_dropout and target_modules, still work."""
 
@@ -256,16 +261,7 @@ class TextTrainConfig(TrainConfig):
     strict: bool = False
     """Stop at the first bad data row instead of skipping it (bad rows are always reported)."""
 
-    lora: LoraConfig = field(
-        default_factory=lambda: LoraConfig(r=8, lora_alpha=16.0),
-        metadata={
-            "docs": {
-                "target_modules": "Which modules get an adapter: a list of exact module names or name "
-                'suffixes (["q_proj", "v_proj"]), a regular expression matched against the full name, or '
-                '"all-linear" for every linear layer except the output head. Empty: all-linear.'
-            }
-        },
-    )
+    lora: LoraConfig = lora_field(16.0, "all-linear")
 
     progress_bar: bool = True
     """Show a progress bar with loss, tokens/s and the time left."""
