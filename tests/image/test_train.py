@@ -263,7 +263,13 @@ def test_defaults_train_the_embedded_tiny_sd_on_the_example_style(tmp_path, caps
         and info["target_modules"] == TINY_SD_UNET_TARGETS
         and info["resolution"] == 32
     )
-    assert Image.open(out / "adapter" / "validation.png").size == (4 * 32, 32)
+    # One labelled row per validation prompt (its label, then base / 0.5 / 1.0 upscaled to 128 px),
+    # under the title and the column names.
+    assert Image.open(out / "adapter" / "validation.png").size == (
+        3 * (128 + 4) + 4,
+        16 + 4 + 16 + 4 * 148 + 4,
+    )
+    assert (out / "loss.png").is_file()
 
     prompt = ["--prompt", "a circle, in the style of <s1><s2>", "--steps", "3", "--seed", "4"]
     assert main(["generate-image", *prompt, "--out", str(tmp_path / "bare")]) == 0
