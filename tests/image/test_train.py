@@ -224,6 +224,38 @@ def test_prompt_templates_without_tokens():
     assert builder("a circle") == "a circle, in the style of <x>"
 
 
+def test_each_image_draws_one_of_several_caption_templates(tiny_sd, style_dir, tmp_path):
+    from loraforge.train.config import load_config
+    from loraforge.train.image import STYLE_TEMPLATES, ImageTrainConfig, prompt_builders
+
+    _, task = train_adapter(tiny_sd, style_dir, tmp_path / "run", max_steps=2, prior_images=3)
+    s = task.samples
+    assert len(s.variants) == 4 + 3  # the style images, then the prior images
+    assert s.variants[0] == [
+        "a circle, in the style of <s1><s2>",
+        "a circle in the style of <s1><s2>",
+        "a painting of a circle, <s1><s2> style",
+        "<s1><s2> style, a circle",
+        "a drawing of a circle in <s1><s2> style",
+        "a circle, art in the style of <s1><s2>",
+        "<s1><s2> a circle",
+    ]
+    assert len(STYLE_TEMPLATES) == 6
+    # Prior preservation: base images of the bare captions (seeds 0, 0, 1 for circle, square, circle).
+    assert [v for v in s.variants[4:]] == [["a circle"], ["a square"], ["a circle"]]
+    assert [len(ids) for ids in s.ids] == [7] * 4 + [1] * 3
+    # Each image draws its template per step, seeded: over an epoch's batches all of them come up.
+    drawn = [v for epoch in range(10) for b in task.train_batches(epoch) for v in b["variants"]]
+    assert set(drawn) == set(range(7)) and drawn == [
+        v for epoch in range(10) for b in task.train_batches(epoch) for v in b["variants"]
+    ]
+    inputs = task._text_inputs({"indices": [0, 0], "variants": [0, 3]})
+    assert not torch.equal(inputs["ids"][0][0], inputs["ids"][0][1])
+    # No extra templates: the one caption_template.
+    config = load_config(ImageTrainConfig, overrides={"caption_templates": []})
+    assert [b("a star") for b in prompt_builders(config)] == ["a star, in the style of <s1><s2>"]
+
+
 def _embedded_tiny_sd():
     from loraforge.bases import resolve_base
 
@@ -285,8 +317,9 @@ def test_defaults_train_the_embedded_tiny_sd_on_the_example_style(tmp_path, caps
 
 def test_embedded_pipeline_learns_the_example_style(tmp_path):
     """`train-image` with the defaults (shortened to 400 of its 1500 steps) on the embedded tiny-sd and
-    the packaged style set, judged by the shipped `eval-style`: the adapter's images must move well
-    towards the style images' score (the full default run moves 81%; 400 steps reach about 63%)."""
+    the packaged style set, judged by the shipped `eval-style` in its five default phrasings (the
+    README's among them): in every one the adapter's images must move well towards the style images'
+    score (the full default run moves 80.0-89.3%; 400 steps 69.2-84.3%, the README's phrasing lowest)."""
     out = tmp_path / "run"
     flags = ["--max_steps", "400", "--save_every", "0", "--progress_bar", "false", "--tensorboard", "false"]
     proc = subprocess.run(
@@ -299,9 +332,13 @@ def test_embedded_pipeline_learns_the_example_style(tmp_path):
     evaluate = _cli() + ["eval-style", "--adapter", str(out / "adapter"), "--json"]
     proc = subprocess.run(evaluate, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    figures = json.loads(proc.stdout[proc.stdout.index("{") :])
-    assert figures["base"]["score"] < 0.1 and figures["style"]["score"] > 0.9
-    assert figures["moved"] >= 0.5
+    figures = json.loads(proc.stdout)
+    assert figures["base"]["score"] < 0.2 and figures["style"]["score"] > 0.9
+    rows = [r for r in figures["phrasings"] if r["with_tokens"]]
+    assert len(rows) >= 5
+    assert "a circle in the style of <s1><s2>" in rows[0]["prompts"]  # the README's phrasing
+    assert all(r["moved"] >= 0.6 for r in rows), [(r["template"], r["moved"]) for r in rows]
+    assert figures["moved"] >= 0.7
 
 
 def test_train_image_from_python(tiny_sd, style_dir, tmp_path):

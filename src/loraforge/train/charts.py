@@ -108,7 +108,9 @@ def draw_loss_curve(
     draw.text((left, 8), "loss (log scale)", fill="black", font=font)
     curves = [(train_pts, TRAIN_COLOR, "train loss (each logged step)", 1)]
     if len(train_pts) > smooth:
-        curves.append((_smooth(train_pts, smooth), SMOOTH_COLOR, f"train loss, mean of last {smooth}", 2))
+        curves.append(
+            (_smooth(train_pts, smooth), SMOOTH_COLOR, f"train loss, mean of the last {smooth} logged", 2)
+        )
     curves.append((eval_pts, EVAL_COLOR, eval_label, 2))
     legend = [c for c in curves if c[0]]
     box_w = 14 + 32 + max(int(draw.textlength(c[2], font=font)) for c in legend)

@@ -151,9 +151,12 @@ class ImageTrainConfig(TrainConfig):
     """Training prompt for a captioned image ({caption}, {tokens} = the placeholder tokens joined); also
     the form of the validation prompts made from captions."""
 
-    caption_templates: list[str] = field(default_factory=lambda: list(STYLE_TEMPLATES))
+    caption_templates: list[str] = field(
+        default_factory=lambda: list(STYLE_TEMPLATES), metadata={"repeat": True}
+    )
     """More training prompts for captioned images: at every step each image draws one of caption_template
-    and these (seeded), so the learned tokens carry the style in other phrasings than one. Empty:
+    and these (seeded), so the learned tokens carry the style in other phrasings than one (on the
+    command line: repeat the flag, each giving one template). Empty ([] in a config file):
     caption_template only."""
 
     instance_prompt: str = "a picture in the style of {tokens}"
@@ -820,7 +823,7 @@ class ImageTask(Task):
                 rows.append((prompt, images))
         finally:
             self._lora_scale(1.0)
-        columns = ["base (no LoRA, no tokens)", "adapter at 0.5", "adapter at 1.0"]
+        columns = ["base, no tokens", "adapter 0.5", "adapter 1.0"]
         title = (
             f"step {step}: seed {c.validation_seed}+row, {c.validation_steps} steps, "
             f"guidance {c.validation_guidance:g}"
@@ -924,7 +927,8 @@ def labelled_grid(rows: list[tuple[str, list]], columns: list[str], title: str, 
     font = ImageFont.load_default(size=12)
     gap, line = 4, 16
     ncols = max(len(columns), max(len(row) for _, row in rows))
-    width = max(ncols * (cw + gap) + gap, 8 * len(title) + 2 * gap)
+    texts = [title] + [label for label, _ in rows]
+    width = max(ncols * (cw + gap) + gap, max(int(font.getlength(t)) for t in texts) + 2 * gap)
     height = line + gap + line + len(rows) * (line + ch + gap) + gap
     grid = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(grid)
