@@ -1,7 +1,6 @@
 """Pictures a user can read: the labelled validation grid, the loss chart's axis and legend, and the
 progress lines of the long image commands."""
 
-
 import numpy as np
 import pytest
 from PIL import Image
