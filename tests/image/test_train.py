@@ -69,7 +69,11 @@ def test_cli_train_image_writes_the_adapter_files(tiny_sd, style_dir, tmp_path):
     info = json.loads((adapter / "adapter_info.json").read_text())
     assert info["tokens"] == ["<s1>", "<s2>"] and info["rank"] == 4 and info["base"] == tiny_sd
     assert info["target_modules"] == ["to_q", "to_k", "to_v", "to_out.0"]
-    assert Image.open(adapter / "validation.png").size == (16 * 2, 16)  # two caption prompts, one row
+    # Two caption prompts: two labelled rows of base / 0.5 / 1.0, 16 px upscaled x8 to 128 px.
+    assert Image.open(adapter / "validation.png").size == (
+        3 * (128 + 4) + 4,
+        16 + 4 + 16 + 2 * (16 + 128 + 4) + 4,
+    )
     assert (out / "samples" / "step-000002.png").is_file() and (out / "samples" / "step-000004.png").is_file()
     assert (out / "checkpoints" / "step-2" / "adapter" / "pytorch_lora_weights.safetensors").is_file()
     assert (out / "checkpoints" / "step-4" / "trainer_state.pt").is_file()
