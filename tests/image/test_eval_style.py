@@ -1,9 +1,15 @@
-"""`loraforge eval-style`: scores base, adapter and style images and reports how far the adapter moved."""
+"""`loraforge eval-style`: scores base, adapter and style images and reports how far the adapter moved,
+for each of several phrasings, with the shape-silhouette content measure beside it."""
 
 import json
 
+import numpy as np
+from PIL import Image
+
 from loraforge.cli import main
-from loraforge.eval.style import style_score
+from loraforge.eval.style import EVAL_PHRASINGS, shape_iou, shape_mask, style_score
+
+README_PHRASING = "{caption} in the style of {tokens}"  # README: --prompt "a circle in the style of <s1><s2>"
 
 
 def test_scores_a_folder(style_dir, capsys):
@@ -13,7 +19,26 @@ def test_scores_a_folder(style_dir, capsys):
     assert 0 <= figures["style"]["score"] <= 1
 
 
-def test_base_versus_adapter(trained, tiny_sd, style_dir, tmp_path, capsys):
+def _square(background, top=8, left=8, size=12, colour=(85, 10, 105)) -> Image.Image:
+    a = np.array(background, dtype=np.uint8).copy()
+    a[top : top + size, left : left + size] = colour
+    return Image.fromarray(a)
+
+
+def test_shape_silhouettes_ignore_the_background():
+    plain = np.full((32, 32, 3), (30, 90, 220), dtype=np.uint8)
+    yy, xx = np.mgrid[0:32, 0:32]
+    stripes = np.where((((xx + yy) // 8) % 2 == 1)[..., None], [235, 20, 185], [255, 145, 20]).astype(
+        np.uint8
+    )
+    on_plain, on_stripes = _square(plain, colour=(220, 30, 30)), _square(stripes)
+    assert shape_mask(on_plain).sum() == 144 and shape_mask(on_stripes).sum() == 144
+    assert shape_iou(on_plain, on_stripes) == 1.0  # the same square, other colours and background
+    assert shape_iou(on_plain, _square(plain, top=18, left=18)) < 0.1  # another place
+    assert shape_iou(Image.fromarray(plain), Image.fromarray(plain)) == 1.0  # no shape in either
+
+
+def test_base_versus_adapter_in_several_phrasings(trained, tiny_sd, style_dir, tmp_path, capsys):
     args = [
         "eval-style",
         "--base",
@@ -23,25 +48,54 @@ def test_base_versus_adapter(trained, tiny_sd, style_dir, tmp_path, capsys):
         "--style-dir",
         str(style_dir),
         "--num-images",
-        "1",
+        "2",
         "--steps",
         "2",
         "--out",
         str(tmp_path / "images"),
     ]
     assert main(args + ["--json"]) == 0
-    figures = json.loads(capsys.readouterr().out)
-    assert figures["prompts"] == ["a circle, in the style of <s1><s2>", "a square, in the style of <s1><s2>"]
-    assert figures["num_images"] == 2
-    gap = figures["style"]["score"] - figures["base"]["score"]
-    expected = (figures["adapter"]["score"] - figures["base"]["score"]) / gap
-    assert abs(figures["moved"] - expected) < 1e-12
-    # The figures are style_score of the saved images.
-    from PIL import Image
-
+    captured = capsys.readouterr()
+    figures = json.loads(captured.out)  # stdout is the JSON only; progress goes to stderr
+    assert "eval-style: 48/48 images" in captured.err and "images/s" in captured.err and "ETA" in captured.err
+    rows = figures["phrasings"]
+    with_tokens = [r for r in rows if r["with_tokens"]]
+    assert len(with_tokens) >= 5 and [r["template"] for r in with_tokens] == EVAL_PHRASINGS
+    assert README_PHRASING in EVAL_PHRASINGS
+    readme = next(r for r in rows if r["template"] == README_PHRASING)
+    assert readme["prompts"] == ["a circle in the style of <s1><s2>", "a square in the style of <s1><s2>"]
+    bare = [r for r in rows if not r["with_tokens"]]
+    assert len(bare) == 1 and bare[0]["prompts"] == ["a circle", "a square"]
+    style = figures["style"]["score"]
+    for row in rows:
+        expected = (row["adapter"]["score"] - row["base"]["score"]) / (style - row["base"]["score"])
+        assert abs(row["moved"] - expected) < 1e-12
+        assert 0 <= row["shape_iou"] <= 1 and 0 <= row["shape_iou_chance"] <= 1
+    # The overall figures are those of all the phrasings with the tokens.
+    assert figures["prompts"] == [p for r in with_tokens for p in r["prompts"]]
+    assert figures["num_images"] == 2 * 10
+    gap = style - figures["base"]["score"]
+    assert abs(figures["moved"] - (figures["adapter"]["score"] - figures["base"]["score"]) / gap) < 1e-12
+    assert figures["moved_min"] == min(r["moved"] for r in with_tokens)
+    assert abs(figures["shape_iou"] - np.mean([r["shape_iou"] for r in with_tokens])) < 1e-12
+    # The figures are style_score of the saved images (the with-token prompts come first).
     saved = [Image.open(p) for p in sorted((tmp_path / "images" / "adapter").iterdir())]
-    assert abs(style_score(saved) - figures["adapter"]["score"]) < 1e-9
+    assert len(saved) == 2 * 12
+    assert abs(style_score(saved[:20]) - figures["adapter"]["score"]) < 1e-9
 
     assert main(args) == 0
     text = capsys.readouterr().out
     assert "moved the style score" in text and "base" in text and "style" in text
+    assert "a painting of {caption} in the style of {tokens}" in text and "(no tokens)" in text
+    assert "shape IoU" in text
+
+
+def test_each_given_prompt_is_a_row(trained, tiny_sd, style_dir, capsys):
+    prompts = ["a circle in the style of <s1><s2>", "a star"]
+    args = ["eval-style", "--base", tiny_sd, "--adapter", str(trained), "--style-dir", str(style_dir)]
+    args += ["--num-images", "1", "--steps", "2", "--json"]
+    assert main(args + [f"--prompt={p}" for p in prompts]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    assert [r["prompts"] for r in figures["phrasings"]] == [[p] for p in prompts]
+    assert [r["with_tokens"] for r in figures["phrasings"]] == [True, False]
+    assert figures["prompts"] == prompts[:1]

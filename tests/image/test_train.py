@@ -69,7 +69,11 @@ def test_cli_train_image_writes_the_adapter_files(tiny_sd, style_dir, tmp_path):
     info = json.loads((adapter / "adapter_info.json").read_text())
     assert info["tokens"] == ["<s1>", "<s2>"] and info["rank"] == 4 and info["base"] == tiny_sd
     assert info["target_modules"] == ["to_q", "to_k", "to_v", "to_out.0"]
-    assert Image.open(adapter / "validation.png").size == (16 * 2, 16)  # two caption prompts, one row
+    # Two caption prompts: two labelled rows of base / 0.5 / 1.0, 16 px upscaled x8 to 128 px.
+    assert Image.open(adapter / "validation.png").size == (
+        3 * (128 + 4) + 4,
+        16 + 4 + 16 + 2 * (16 + 128 + 4) + 4,
+    )
     assert (out / "samples" / "step-000002.png").is_file() and (out / "samples" / "step-000004.png").is_file()
     assert (out / "checkpoints" / "step-2" / "adapter" / "pytorch_lora_weights.safetensors").is_file()
     assert (out / "checkpoints" / "step-4" / "trainer_state.pt").is_file()
@@ -224,6 +228,38 @@ def test_prompt_templates_without_tokens():
     assert builder("a circle") == "a circle, in the style of <x>"
 
 
+def test_each_image_draws_one_of_several_caption_templates(tiny_sd, style_dir, tmp_path):
+    from loraforge.train.config import load_config
+    from loraforge.train.image import STYLE_TEMPLATES, ImageTrainConfig, prompt_builders
+
+    _, task = train_adapter(tiny_sd, style_dir, tmp_path / "run", max_steps=2, prior_images=3)
+    s = task.samples
+    assert len(s.variants) == 4 + 3  # the style images, then the prior images
+    assert s.variants[0] == [
+        "a circle, in the style of <s1><s2>",
+        "a circle in the style of <s1><s2>",
+        "a painting of a circle, <s1><s2> style",
+        "<s1><s2> style, a circle",
+        "a drawing of a circle in <s1><s2> style",
+        "a circle, art in the style of <s1><s2>",
+        "<s1><s2> a circle",
+    ]
+    assert len(STYLE_TEMPLATES) == 6
+    # Prior preservation: base images of the bare captions (seeds 0, 0, 1 for circle, square, circle).
+    assert [v for v in s.variants[4:]] == [["a circle"], ["a square"], ["a circle"]]
+    assert [len(ids) for ids in s.ids] == [7] * 4 + [1] * 3
+    # Each image draws its template per step, seeded: over an epoch's batches all of them come up.
+    drawn = [v for epoch in range(10) for b in task.train_batches(epoch) for v in b["variants"]]
+    assert set(drawn) == set(range(7)) and drawn == [
+        v for epoch in range(10) for b in task.train_batches(epoch) for v in b["variants"]
+    ]
+    inputs = task._text_inputs({"indices": [0, 0], "variants": [0, 3]})
+    assert not torch.equal(inputs["ids"][0][0], inputs["ids"][0][1])
+    # No extra templates: the one caption_template.
+    config = load_config(ImageTrainConfig, overrides={"caption_templates": []})
+    assert [b("a star") for b in prompt_builders(config)] == ["a star, in the style of <s1><s2>"]
+
+
 def _embedded_tiny_sd():
     from loraforge.bases import resolve_base
 
@@ -263,7 +299,13 @@ def test_defaults_train_the_embedded_tiny_sd_on_the_example_style(tmp_path, caps
         and info["target_modules"] == TINY_SD_UNET_TARGETS
         and info["resolution"] == 32
     )
-    assert Image.open(out / "adapter" / "validation.png").size == (4 * 32, 32)
+    # One labelled row per validation prompt (its label, then base / 0.5 / 1.0 upscaled to 128 px),
+    # under the title and the column names.
+    assert Image.open(out / "adapter" / "validation.png").size == (
+        3 * (128 + 4) + 4,
+        16 + 4 + 16 + 4 * 148 + 4,
+    )
+    assert (out / "loss.png").is_file()
 
     prompt = ["--prompt", "a circle, in the style of <s1><s2>", "--steps", "3", "--seed", "4"]
     assert main(["generate-image", *prompt, "--out", str(tmp_path / "bare")]) == 0
@@ -279,8 +321,9 @@ def test_defaults_train_the_embedded_tiny_sd_on_the_example_style(tmp_path, caps
 
 def test_embedded_pipeline_learns_the_example_style(tmp_path):
     """`train-image` with the defaults (shortened to 400 of its 1500 steps) on the embedded tiny-sd and
-    the packaged style set, judged by the shipped `eval-style`: the adapter's images must move well
-    towards the style images' score (the full default run moves 81%; 400 steps reach about 63%)."""
+    the packaged style set, judged by the shipped `eval-style` in its five default phrasings (the
+    README's among them): in every one the adapter's images must move well towards the style images'
+    score (the full default run moves 80.0-89.3%; 400 steps 69.2-84.3%, the README's phrasing lowest)."""
     out = tmp_path / "run"
     flags = ["--max_steps", "400", "--save_every", "0", "--progress_bar", "false", "--tensorboard", "false"]
     proc = subprocess.run(
@@ -293,9 +336,13 @@ def test_embedded_pipeline_learns_the_example_style(tmp_path):
     evaluate = _cli() + ["eval-style", "--adapter", str(out / "adapter"), "--json"]
     proc = subprocess.run(evaluate, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    figures = json.loads(proc.stdout[proc.stdout.index("{") :])
-    assert figures["base"]["score"] < 0.1 and figures["style"]["score"] > 0.9
-    assert figures["moved"] >= 0.5
+    figures = json.loads(proc.stdout)
+    assert figures["base"]["score"] < 0.2 and figures["style"]["score"] > 0.9
+    rows = [r for r in figures["phrasings"] if r["with_tokens"]]
+    assert len(rows) >= 5
+    assert "a circle in the style of <s1><s2>" in rows[0]["prompts"]  # the README's phrasing
+    assert all(r["moved"] >= 0.6 for r in rows), [(r["template"], r["moved"]) for r in rows]
+    assert figures["moved"] >= 0.7
 
 
 def test_train_image_from_python(tiny_sd, style_dir, tmp_path):

@@ -22,6 +22,17 @@ that palette or that texture.  ``style_score`` measures both:
 The score of a list is the mean of the per-image scores, in [0, 1].  On the shipped set the
 style images score about 0.9 and plain base outputs about 0.05 (see the base's ``TRAINING.md``).
 ``style_components`` returns the two parts separately.
+
+A content measure sits beside it, because a style adapter must not paint over what the prompt asks
+for: ``shape_iou`` is the intersection over union of two images' shape silhouettes.  A silhouette
+(``shape_mask``) is every pixel whose RGB distance to *all* the colours of the image's outer ring of
+pixels exceeds 60, so it is the shape in front of a plain or striped background, whatever its colour.
+`eval-style` compares each adapter image with the base's image of the same seed and the same prompt
+without the tokens (for the default phrasings: the bare caption, "a circle"), so it measures whether
+the shape the base draws there -- its place, size and outline -- survives under the style. The
+tiny-sd base draws its shapes as rough blobs whose place depends on the seed more than on the shape
+word, so the figure is about keeping the base's content, not about drawing a cleaner star.  The same
+IoU between images of *different* seeds is reported as ``chance`` (what unrelated shapes score).
 """
 
 from __future__ import annotations
@@ -129,6 +140,25 @@ def style_components(images: Iterable) -> dict[str, float]:
     return {"palette": pal, "stripes": stripes, "score": PALETTE_WEIGHT * pal + STRIPE_WEIGHT * stripes}
 
 
+SHAPE_THRESHOLD = 60.0
+
+
+def shape_mask(image, threshold: float = SHAPE_THRESHOLD) -> np.ndarray:
+    """Boolean silhouette (``ANALYSIS_SIZE`` square) of the shape in front of the image's background: the
+    pixels farther than `threshold` (RGB, 0-255) from every colour of the outer ring of pixels."""
+    a = _as_array(image)
+    ring = np.concatenate([a[0], a[-1], a[1:-1, 0], a[1:-1, -1]])
+    d = np.linalg.norm(a[:, :, None, :] - ring[None, None, :, :], axis=-1).min(axis=-1)
+    return d > threshold
+
+
+def shape_iou(a, b) -> float:
+    """Intersection over union of the silhouettes of images `a` and `b` (1 when both have none)."""
+    ma, mb = shape_mask(a), shape_mask(b)
+    union = np.logical_or(ma, mb).sum()
+    return float(np.logical_and(ma, mb).sum() / union) if union else 1.0
+
+
 def style_score(images: list) -> float:
     """How much ``images`` (PIL images or HxWx3 uint8 arrays) look like the example style, in [0, 1].
 
@@ -139,7 +169,20 @@ def style_score(images: list) -> float:
 
 # -- `loraforge eval-style` ------------------------------------------------------------------------
 # The command line around `style_score`: generate with and without an adapter, score both and the
-# reference style images, and report how far the adapter moved the score from the base toward the style.
+# reference style images, and report how far the adapter moved the score from the base toward the style
+# -- for each of several phrasings of the prompt, and beside it the content measure `shape_iou`.
+
+# The default phrasings ({caption}: each caption of the style set, {tokens}: the adapter's tokens).
+# The first is the README's; the first two are among train-image's default training templates
+# (caption_template and the first of caption_templates), the other three are not.
+EVAL_PHRASINGS = [
+    "{caption} in the style of {tokens}",
+    "{caption}, in the style of {tokens}",
+    "a painting of {caption} in the style of {tokens}",
+    "{caption} drawn in {tokens} style",
+    "{tokens} art: {caption}",
+]
+NO_TOKENS = "{caption}"
 
 
 def add_arguments(parser) -> None:
@@ -155,7 +198,9 @@ def add_arguments(parser) -> None:
         "--prompt",
         action="append",
         default=None,
-        help="prompt (repeatable). Default: the style set's captions through the adapter's caption template",
+        help="prompt (repeatable; each is measured and reported on its own). Default: each of five "
+        "phrasings (EVAL_PHRASINGS in loraforge/eval/style.py) of every caption of the style set with "
+        "the adapter's tokens, and the bare captions without tokens",
     )
     parser.add_argument(
         "--num-images", type=flags.positive_int, default=2, help="images per prompt (seeds seed, seed+1, ...)"
@@ -178,34 +223,65 @@ def _folder_images(folder):
     return [r.load() for r in records], records
 
 
-def _default_prompts(records, adapter_path) -> list[str]:
-    from loraforge.data.images import PromptBuilder
+def _adapter_info(adapter_path) -> dict:
+    import json
+    from pathlib import Path
+
     from loraforge.formats.diffusers import INFO_NAME
 
-    info = {}
-    if adapter_path is not None:
-        import json
-        from pathlib import Path
+    if adapter_path is None:
+        return {}
+    path = Path(adapter_path)
+    info_path = (path if path.is_dir() else path.parent) / INFO_NAME
+    if info_path.is_file():
+        return json.loads(info_path.read_text(encoding="utf-8"))
+    return {}
 
-        path = Path(adapter_path)
-        info_path = (path if path.is_dir() else path.parent) / INFO_NAME
-        if info_path.is_file():
-            info = json.loads(info_path.read_text(encoding="utf-8"))
-    tokens = info.get("tokens") or []
-    if tokens:
-        builder = PromptBuilder(
-            tokens,
-            info.get("caption_template") or "{caption}, in the style of {tokens}",
-            info.get("instance_prompt") or "a picture in the style of {tokens}",
-        )
-    else:
-        builder = PromptBuilder([], "{caption}", "a picture")
-    prompts = []
+
+def _clean(text: str) -> str:
+    return " ".join(text.split()).strip(" ,")
+
+
+def _captions(records) -> list[str]:
+    captions = []
     for record in records:
-        prompt = builder(record.caption)
-        if prompt not in prompts:
-            prompts.append(prompt)
-    return prompts
+        caption = record.caption or "a picture"
+        if caption not in captions:
+            captions.append(caption)
+    return captions
+
+
+def default_phrasings(records, tokens: list[str]) -> list[dict]:
+    """The measured phrasings: each of `EVAL_PHRASINGS` over the style set's captions with the tokens
+    (``with_tokens``), then the bare captions; without tokens only the bare captions."""
+    captions = _captions(records)
+    token_string = "".join(tokens)
+    rows = []
+    for template in EVAL_PHRASINGS if tokens else []:
+        prompts = [_clean(template.format(caption=c, tokens=token_string)) for c in captions]
+        rows.append({"template": template, "with_tokens": True, "prompts": prompts, "references": captions})
+    rows.append({"template": NO_TOKENS, "with_tokens": False, "prompts": captions, "references": captions})
+    return rows
+
+
+def prompt_phrasings(prompts: list[str], tokens: list[str]) -> list[dict]:
+    """One row per --prompt; its content reference is the same prompt without the adapter's tokens."""
+    rows = []
+    for prompt in prompts:
+        bare = prompt
+        for token in tokens:
+            bare = bare.replace(token, " ")
+        bare = _clean(bare)
+        with_tokens = any(token in prompt for token in tokens)
+        rows.append(
+            {"template": prompt, "with_tokens": with_tokens, "prompts": [prompt], "references": [bare]}
+        )
+    return rows
+
+
+def _moved(adapter: float, base: float, style: float) -> float:
+    gap = style - base
+    return (adapter - base) / gap if abs(gap) > 1e-9 else float("nan")
 
 
 def run(args) -> int:
@@ -229,44 +305,85 @@ def run(args) -> int:
     if args.num_images < 1 or args.steps < 1:
         raise UserError("--num-images and --steps must be at least 1")
     adapter = parse_adapter_specs([args.adapter])[0] if args.adapter else None
-    prompts = args.prompt or _default_prompts(records, adapter.source if adapter else None)
+    tokens = list(_adapter_info(adapter.source if adapter else None).get("tokens") or [])
+    rows = prompt_phrasings(args.prompt, tokens) if args.prompt else default_phrasings(records, tokens)
+
+    import dataclasses
 
     import torch
 
+    from loraforge.infer.progress import Progress
     from loraforge.runtime import GenerationSettings, apply_adapters, load_pipeline, render
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe = load_pipeline(args.base, device=device)
+    n = args.num_images
+    base_prompts, adapter_prompts = [], []
+    for row in rows:
+        for prompt, reference in zip(row["prompts"], row["references"]):
+            for p in (prompt, reference):
+                if p not in base_prompts:
+                    base_prompts.append(p)
+            if adapter and prompt not in adapter_prompts:
+                adapter_prompts.append(prompt)
+    total = n * (len(base_prompts) + len(adapter_prompts))
+    progress = Progress(total, "images", "eval-style")
 
-    def images_for(tag):
-        images = []
-        for prompt in prompts:
+    def generate(prompts, tag) -> dict[str, list]:
+        out = {}
+        for i, prompt in enumerate(prompts):
             settings = GenerationSettings(
                 prompt=prompt, seed=args.seed, steps=args.steps, guidance=args.guidance
             )
-            images += render(pipe, settings, args.num_images)
-        if args.out:
-            folder = Path(args.out) / tag
-            folder.mkdir(parents=True, exist_ok=True)
-            for i, image in enumerate(images):
-                image.save(folder / f"{i:03d}.png")
-        return images
+            out[prompt] = []
+            for k in range(n):
+                out[prompt] += render(pipe, dataclasses.replace(settings, seed=args.seed + k), 1)
+                progress.advance()
+            if args.out:
+                folder = Path(args.out) / tag
+                folder.mkdir(parents=True, exist_ok=True)
+                for k, image in enumerate(out[prompt]):
+                    image.save(folder / f"{i:03d}-{k:02d}.png")
+        return out
 
-    # The base first: loading the adapter adds its tokens to this pipeline's tokenizer.
-    figures["base"] = style_components(images_for("base"))
+    with progress:
+        # The base first: loading the adapter adds its tokens to this pipeline's tokenizer.
+        base_images = generate(base_prompts, "base")
+        adapter_images = {}
+        if adapter:
+            apply_adapters(pipe, [adapter])
+            adapter_images = generate(adapter_prompts, "adapter")
+
+    measured = []
+    for row in rows:
+        entry = {"template": row["template"], "with_tokens": row["with_tokens"], "prompts": row["prompts"]}
+        base = [im for p in row["prompts"] for im in base_images[p]]
+        entry["base"] = style_components(base)
+        if adapter:
+            ours = [im for p in row["prompts"] for im in adapter_images[p]]
+            refs = [im for r in row["references"] for im in base_images[r]]
+            entry["adapter"] = style_components(ours)
+            entry["moved"] = _moved(entry["adapter"]["score"], entry["base"]["score"], style["score"])
+            entry["shape_iou"] = float(np.mean([shape_iou(a, b) for a, b in zip(ours, refs)]))
+            if n > 1:  # the same images against the references of the other seeds
+                shifted = [refs[(j // n) * n + (j % n + 1) % n] for j in range(len(refs))]
+                entry["shape_iou_chance"] = float(np.mean([shape_iou(a, b) for a, b in zip(ours, shifted)]))
+        measured.append(entry)
+    figures["phrasings"] = measured
+    main_rows = [e for e in measured if e["with_tokens"]] or measured
+    prompts = [p for e in main_rows for p in e["prompts"]]
+    figures["base"] = style_components([im for p in prompts for im in base_images[p]])
     if adapter:
-        apply_adapters(pipe, [adapter])
-        figures["adapter"] = style_components(images_for("adapter"))
-        gap = figures["style"]["score"] - figures["base"]["score"]
-        moved = (
-            (figures["adapter"]["score"] - figures["base"]["score"]) / gap
-            if abs(gap) > 1e-9
-            else float("nan")
-        )
-        figures["moved"] = moved
+        figures["adapter"] = style_components([im for p in prompts for im in adapter_images[p]])
+        figures["moved"] = _moved(figures["adapter"]["score"], figures["base"]["score"], style["score"])
+        figures["moved_min"] = min(e["moved"] for e in main_rows)
+        figures["shape_iou"] = float(np.mean([e["shape_iou"] for e in main_rows]))
+        chance = [e["shape_iou_chance"] for e in main_rows if "shape_iou_chance" in e]
+        if chance:
+            figures["shape_iou_chance"] = float(np.mean(chance))
         figures["adapter_spec"] = {"path": adapter.source, "weight": adapter.weight}
     figures["prompts"] = prompts
-    figures["num_images"] = args.num_images * len(prompts)
+    figures["num_images"] = n * len(prompts)
     _report(figures, args.json)
     return 0
 
@@ -286,5 +403,21 @@ def _report(figures: dict, as_json: bool) -> None:
         spec = figures["adapter_spec"]
         print(
             f"the adapter ({spec['path']} at weight {spec['weight']:g}) moved the style score "
-            f"{100 * figures['moved']:.1f}% of the way from the base to the style images"
+            f"{100 * figures['moved']:.1f}% of the way from the base to the style images "
+            f"(all phrasings with its tokens; the lowest phrasing {100 * figures['moved_min']:.1f}%)"
+        )
+    if "adapter" in figures and figures.get("phrasings"):
+        print()
+        print(f"{'phrasing':<52} {'base':>6} {'adapter':>8} {'moved':>7} {'shape IoU':>10}")
+        for e in figures["phrasings"]:
+            name = e["template"] if e["with_tokens"] else f"{e['template']}  (no tokens)"
+            print(
+                f"{name[:52]:<52} {e['base']['score']:6.3f} {e['adapter']['score']:8.3f} "
+                f"{100 * e['moved']:6.1f}% {e['shape_iou']:10.2f}"
+            )
+        chance = figures.get("shape_iou_chance")
+        print(
+            f"shape IoU: silhouettes of the adapter's images against the base's for the same prompt without "
+            f"the tokens and the same seed (mean {figures['shape_iou']:.2f}"
+            + (f"; against other seeds, i.e. chance: {chance:.2f})" if chance is not None else ")")
         )

@@ -18,6 +18,7 @@ weights) in its text metadata (``parameters`` in A1111's style, ``loraforge`` as
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ import torch
 
 from loraforge import flags
 from loraforge.errors import ConfigError, UserError
+from loraforge.infer.progress import Progress
 from loraforge.runtime import (
     GenerationSettings,
     ImageRuntime,
@@ -139,10 +141,12 @@ def generate_images(
     device: str | None = None,
     dtype: torch.dtype = torch.float32,
     runtime: ImageRuntime | None = None,
+    progress: bool = False,
 ) -> list[GeneratedImage]:
     """`num_images` images per prompt from `base` with `adapters` (``SOURCE[:WEIGHT]`` strings or
     AdapterSpecs) at their weights; image k of a prompt uses seed ``seed + k``. Pass `runtime` (from
-    `loraforge.runtime.load_image`) to reuse a loaded pipeline."""
+    `loraforge.runtime.load_image`) to reuse a loaded pipeline. `progress`: report images done, rate
+    and ETA on stderr."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise UserError("give at least one prompt")
@@ -166,6 +170,7 @@ def generate_images(
     width, height = wanted or native_size(pipe)
     set_scheduler(pipe, scheduler)
     out = []
+    meter = Progress(len(prompts) * num_images, "images", "generate-image", enabled=progress)
     for pi, prompt in enumerate(prompts):
         settings = GenerationSettings(
             prompt=prompt,
@@ -177,8 +182,12 @@ def generate_images(
             height=height,
             scheduler=scheduler,
         )
-        for k, image in enumerate(render(pipe, settings, num_images)):
+        for k in range(num_images):
+            # One at a time (render seeds image k with seed + k either way) to report progress.
+            image = render(pipe, dataclasses.replace(settings, seed=seed + k), 1)[0]
             out.append(GeneratedImage(image, pi, settings, seed + k))
+            meter.advance()
+    meter.close()
     return out
 
 
@@ -223,6 +232,7 @@ def run(args) -> int:
         num_images=args.num_images,
         scheduler=args.scheduler,
         runtime=rt,
+        progress=True,
     )
     described = [{"path": s.source, "weight": s.weight} for s in specs]
     out = Path(args.out)

@@ -79,6 +79,19 @@ TINY_SD_UNET_TARGETS = DEFAULT_UNET_TARGETS + [
 ]
 
 
+# The default extra caption templates: several phrasings of "in the style of", so that the style
+# follows the tokens rather than one sentence (the idea of cloneofsimo's style templates; these are
+# our own). `loraforge eval-style` also measures phrasings that are not among them.
+STYLE_TEMPLATES = [
+    "{caption} in the style of {tokens}",
+    "a painting of {caption}, {tokens} style",
+    "{tokens} style, {caption}",
+    "a drawing of {caption} in {tokens} style",
+    "{caption}, art in the style of {tokens}",
+    "{tokens} {caption}",
+]
+
+
 def default_unet_targets(base: str) -> list[str]:
     from loraforge.bases import EMBEDDED_BASES
 
@@ -141,10 +154,24 @@ class ImageTrainConfig(TrainConfig):
     """Learning rate of the token vectors. 0: learning_rate."""
 
     caption_template: str = "{caption}, in the style of {tokens}"
-    """Training prompt for a captioned image ({caption}, {tokens} = the placeholder tokens joined)."""
+    """Training prompt for a captioned image ({caption}, {tokens} = the placeholder tokens joined); also
+    the form of the validation prompts made from captions."""
+
+    caption_templates: list[str] = field(
+        default_factory=lambda: list(STYLE_TEMPLATES), metadata={"repeat": True}
+    )
+    """More training prompts for captioned images: at every step each image draws one of caption_template
+    and these (seeded), so the learned tokens carry the style in other phrasings than one (on the
+    command line: repeat the flag, each giving one template). Empty ([] in a config file):
+    caption_template only."""
 
     instance_prompt: str = "a picture in the style of {tokens}"
     """Training prompt for an image without a caption."""
+
+    prior_images: int = 0
+    """Prior preservation: render this many images with the base pipeline from the data's captions
+    without the tokens (seeds 0, 1, ...; caption after caption) before training and train on them too,
+    with those bare captions, so that prompts without the tokens keep the base's pictures. 0: off."""
 
     train_text_encoder: bool = False
     """Also put LoRA on the text encoder(s)."""
@@ -223,6 +250,8 @@ class ImageTrainConfig(TrainConfig):
             bad_value("resolution", self.resolution, "must be >= 0")
         if self.min_image_size < 0:
             bad_value("min_image_size", self.min_image_size, "must be >= 0")
+        if self.prior_images < 0:
+            bad_value("prior_images", self.prior_images, "must be >= 0")
         for name in ("snr_gamma", "noise_offset", "token_learning_rate", "text_encoder_learning_rate"):
             if getattr(self, name) < 0 or not math.isfinite(getattr(self, name)):
                 bad_value(name, getattr(self, name), "must be a number >= 0")
@@ -233,9 +262,8 @@ class ImageTrainConfig(TrainConfig):
         for token in self.placeholder_tokens:
             if not token or any(c.isspace() for c in token):
                 bad_value("placeholder_tokens", token, "each token must be non-empty and without spaces")
-        PromptBuilder(
-            self.placeholder_tokens, self.caption_template, self.instance_prompt
-        )  # checks templates
+        for template in [self.caption_template, *self.caption_templates]:
+            PromptBuilder(self.placeholder_tokens, template, self.instance_prompt)  # checks templates
         if not self.base:
             bad_value("base", self.base, "must not be empty")
         # What Stable Diffusion's LoRA files cannot hold.
@@ -330,7 +358,8 @@ class _Samples:
     )  # uint8 (3, H, W): cropped, or covering (random crop)
     latent_mean: list[torch.Tensor] = field(default_factory=list)  # (variants, C, h, w)
     latent_std: list[torch.Tensor] = field(default_factory=list)
-    ids: list[list[torch.Tensor]] = field(default_factory=list)  # per text encoder, (L,)
+    variants: list[list[str]] = field(default_factory=list)  # each image's training prompts; [0] = prompts
+    ids: list[list[list[torch.Tensor]]] = field(default_factory=list)  # [image][variant][encoder], (L,)
 
 
 class ImageTask(Task):
@@ -339,6 +368,7 @@ class ImageTask(Task):
     Without `records`, the constructor reads and checks the config's data (before any model loads)."""
 
     throughput_unit = "img"  # the loop's throughput counts images here, not tokens
+    eval_loss_label = "eval loss (on up to 8 training images, fixed noise)"  # loss.png's legend
 
     def __init__(self, config: ImageTrainConfig, records: list[ImageRecord] | None = None, report=None):
         if records is None:
@@ -383,6 +413,7 @@ class ImageTask(Task):
             )
         self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device)
         self.vae = pipe.vae.requires_grad_(False).eval()
+        self.prior = self._render_prior() if c.prior_images else []
         self.unet_dtype = pipe.unet.dtype  # diffusers' `.dtype` walks every module: read it once
 
         # UNet LoRA.
@@ -406,6 +437,7 @@ class ImageTask(Task):
         if self.tokens:
             self._add_placeholder_tokens()
         self.builder = prompt_builder(c)
+        self.builders = prompt_builders(c)
         self.container = DiffusionLoraModule(self.unet_lora, encoders, self.sdxl).to(self.device)
         self.model = self.container  # the loop swaps in its prepared (DDP / autocast) wrapper
         self.vae.to(self.device)
@@ -426,6 +458,31 @@ class ImageTask(Task):
             f"({len(set(self.samples.buckets))} bucket(s)), trainable parameters {trainable:,d} of {total:,d}, "
             f"prediction {self.prediction_type}, latents {'cached' if self.cached else 'encoded every step'}"
         )
+
+    def _render_prior(self) -> list[tuple[object, str]]:
+        """(image, prompt) pairs of prior preservation, rendered by the bare base (before any LoRA)."""
+        from loraforge.runtime import GenerationSettings, render
+
+        c = self.config
+        captions = []
+        for record in self.records:
+            caption = record.caption or "a picture"
+            if caption not in captions:
+                captions.append(caption)
+        pairs = []
+        for k in range(c.prior_images):
+            caption = captions[k % len(captions)]
+            settings = GenerationSettings(
+                prompt=caption,
+                seed=k // len(captions),
+                steps=c.validation_steps,
+                guidance=c.validation_guidance,
+                width=self.resolution,
+                height=self.resolution,
+            )
+            pairs.append((render(self.pipe, settings, 1)[0], caption))
+        self.log(f"prior preservation: rendered {len(pairs)} base image(s) of {len(captions)} caption(s)")
+        return pairs
 
     def _weights_dtype(self) -> torch.dtype:
         c = self.config
@@ -483,10 +540,18 @@ class ImageTask(Task):
             make_buckets(self.resolution, self.step) if c.buckets else [(self.resolution, self.resolution)]
         )
         s = self.samples = _Samples()
-        for record in self.records:
-            image = record.load()
+        items = [(record.load, record.caption, None) for record in self.records]
+        items += [((lambda im=image: im), None, prompt) for image, prompt in self.prior]
+        for load, caption, prior_prompt in items:
+            image = load()
             bucket = nearest_bucket(image.size, buckets) if c.buckets else buckets[0]
-            s.prompts.append(self.builder(record.caption))
+            variants = [prior_prompt] if prior_prompt is not None else []
+            for builder in self.builders if prior_prompt is None else []:
+                prompt = builder(caption)
+                if prompt not in variants:
+                    variants.append(prompt)
+            s.prompts.append(variants[0])
+            s.variants.append(variants)
             s.buckets.append(bucket)
             s.original.append((image.size[1], image.size[0]))
             if c.crop == "random":
@@ -503,19 +568,23 @@ class ImageTask(Task):
                 cropped, top_left = resize_and_crop(image, bucket, "center")
                 s.pixels.append(_uint8(cropped))
                 s.crops.append(top_left)
-        for component, tokenizer, _ in self.text:
-            del component
-            ids = tokenizer(
-                s.prompts,
+        flat = [prompt for variants in s.variants for prompt in variants]
+        per_encoder = [
+            tokenizer(
+                flat,
                 padding="max_length",
                 max_length=tokenizer.model_max_length,
                 truncation=True,
                 return_tensors="pt",
             ).input_ids
-            for i in range(len(s.prompts)):
-                if len(s.ids) <= i:
-                    s.ids.append([])
-                s.ids[i].append(ids[i])
+            for _, tokenizer, _ in self.text
+        ]
+        k = 0
+        for variants in s.variants:
+            s.ids.append([])
+            for _ in variants:
+                s.ids[-1].append([ids[k] for ids in per_encoder])
+                k += 1
         if self.cached:
             variants = 2 if c.flip else 1
             with torch.no_grad():
@@ -543,12 +612,13 @@ class ImageTask(Task):
     def _cache_text(self) -> None:
         self.text_cache = {}
         with torch.no_grad():
-            for i, prompt in enumerate(self.samples.prompts):
-                if prompt not in self.text_cache:
-                    hidden, pooled = self.container.encode(
-                        [ids.unsqueeze(0).to(self.device) for ids in self.samples.ids[i]]
-                    )
-                    self.text_cache[prompt] = (hidden[0], None if pooled is None else pooled[0])
+            for i, variants in enumerate(self.samples.variants):
+                for v, prompt in enumerate(variants):
+                    if prompt not in self.text_cache:
+                        hidden, pooled = self.container.encode(
+                            [ids.unsqueeze(0).to(self.device) for ids in self.samples.ids[i][v]]
+                        )
+                        self.text_cache[prompt] = (hidden[0], None if pooled is None else pooled[0])
 
     def enable_gradient_checkpointing(self) -> None:
         self.unet_lora.model.enable_gradient_checkpointing()
@@ -589,8 +659,9 @@ class ImageTask(Task):
                 for j in indices:
                     H, W = s.pixels[j].shape[1:]
                     crops.append((rng.randint(0, H - h), rng.randint(0, W - w)))
+            variants = [rng.randrange(len(s.variants[j])) for j in indices]
             if i >= start:
-                yield {"indices": indices, "flips": flips, "crops": crops}
+                yield {"indices": indices, "flips": flips, "crops": crops, "variants": variants}
 
     def _latents(self, batch, sample: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Scaled latents and SDXL time ids of a batch."""
@@ -633,14 +704,23 @@ class ImageTask(Task):
             )
         return latents.to(self.device), None if time_ids is None else time_ids.to(self.device)
 
-    def _text_inputs(self, indices) -> dict:
+    def _text_inputs(self, batch) -> dict:
+        """The text inputs of a batch: each image's drawn prompt variant (the first without a draw)."""
         s = self.samples
+        indices = batch["indices"]
+        chosen = batch.get("variants") or [0] * len(indices)
         if self.text_cache is not None:
-            hidden = torch.stack([self.text_cache[s.prompts[i]][0] for i in indices])
-            pooled = torch.stack([self.text_cache[s.prompts[i]][1] for i in indices]) if self.sdxl else None
+            prompts = [s.variants[i][v] for i, v in zip(indices, chosen)]
+            hidden = torch.stack([self.text_cache[p][0] for p in prompts])
+            pooled = torch.stack([self.text_cache[p][1] for p in prompts]) if self.sdxl else None
             return {"hidden": hidden, "pooled": pooled}
         n = len(self.text)
-        return {"ids": [torch.stack([s.ids[i][k] for i in indices]).to(self.device) for k in range(n)]}
+        return {
+            "ids": [
+                torch.stack([s.ids[i][v][k] for i, v in zip(indices, chosen)]).to(self.device)
+                for k in range(n)
+            ]
+        }
 
     def _target(self, latents, noise, timesteps):
         if self.prediction_type == "epsilon":
@@ -660,9 +740,7 @@ class ImageTask(Task):
         )
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         target = self._target(latents, noise, timesteps)
-        pred = self.model(
-            noisy.to(self.unet_dtype), timesteps, time_ids=time_ids, **self._text_inputs(batch["indices"])
-        )
+        pred = self.model(noisy.to(self.unet_dtype), timesteps, time_ids=time_ids, **self._text_inputs(batch))
         per_item = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         if self.config.snr_gamma:
             per_item = per_item * self._snr_weights(timesteps)
@@ -694,7 +772,7 @@ class ImageTask(Task):
             target = self._target(latents, noise, timesteps)
             # The unwrapped module: this runs on the main process only, where a DDP forward would hang.
             pred = self.container(
-                noisy.to(self.unet_dtype), timesteps, time_ids=time_ids, **self._text_inputs(batch["indices"])
+                noisy.to(self.unet_dtype), timesteps, time_ids=time_ids, **self._text_inputs(batch)
             )
             total += F.mse_loss(pred.float(), target.float()).item()
             count += 1
@@ -712,25 +790,52 @@ class ImageTask(Task):
                 seen.append(prompt)
         return seen[:4]
 
+    def _lora_scale(self, weight: float | None) -> None:
+        """Sets the LoRA's strength for sampling (None: off), then back with `_lora_scale(1.0)`."""
+        for lora in [self.unet_lora, *self.te_loras.values()]:
+            for layer in lora.lora_layers():
+                layer.disabled = weight is None
+            if weight is not None:
+                lora.set_adapters(["default"], [weight])
+
     def sample(self, step: int, out_dir: Path) -> None:
+        """Renders the validation grid: one row per prompt (seed validation_seed + row), columns the base
+        (LoRA off, prompt without the learned tokens), the adapter at weight 0.5 and at 1.0."""
         from loraforge.runtime import GenerationSettings, render
 
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         prompts = self.validation_prompts()
-        images = []
-        for prompt in prompts:
-            settings = GenerationSettings(
-                prompt=prompt,
-                seed=self.config.validation_seed,
-                steps=self.config.validation_steps,
-                guidance=self.config.validation_guidance,
-                width=self.resolution,
-                height=self.resolution,
-            )
-            images += render(self.pipe, settings, 1)
+        c = self.config
+        rows = []
+        try:
+            for i, prompt in enumerate(prompts):
+                bare = prompt
+                for token in self.tokens:
+                    bare = bare.replace(token, " ")
+                bare = " ".join(bare.split()).strip(" ,")
+                images = []
+                for weight, text in ((None, bare), (0.5, prompt), (1.0, prompt)):
+                    self._lora_scale(weight)
+                    settings = GenerationSettings(
+                        prompt=text,
+                        seed=c.validation_seed + i,
+                        steps=c.validation_steps,
+                        guidance=c.validation_guidance,
+                        width=self.resolution,
+                        height=self.resolution,
+                    )
+                    images += render(self.pipe, settings, 1)
+                rows.append((prompt, images))
+        finally:
+            self._lora_scale(1.0)
+        columns = ["base, no tokens", "adapter 0.5", "adapter 1.0"]
+        title = (
+            f"step {step}: seed {c.validation_seed}+row, {c.validation_steps} steps, "
+            f"guidance {c.validation_guidance:g}"
+        )
         path = out_dir / f"step-{step:06d}.png"
-        image_grid(images).save(path)
+        labelled_grid(rows, columns, title).save(path)
         (out_dir / f"step-{step:06d}.txt").write_text("\n".join(prompts) + "\n", encoding="utf-8")
         self.last_grid = path
 
@@ -761,6 +866,7 @@ class ImageTask(Task):
             if c.train_text_encoder
             else [],
             "caption_template": c.caption_template,
+            "caption_templates": list(c.caption_templates),
             "instance_prompt": c.instance_prompt,
             "resolution": self.resolution,
             "prediction_type": self.prediction_type,
@@ -787,17 +893,24 @@ class ImageTask(Task):
             raise UserError(f"the checkpoint learned tokens {tokens}, this run has {self.tokens}")
 
 
-def prompt_builder(config: ImageTrainConfig) -> PromptBuilder:
-    """The run's prompt templates; without placeholder tokens the default templates drop their
-    "in the style of {tokens}" part (custom templates are used as given)."""
-    template, instance = config.caption_template, config.instance_prompt
+def prompt_builder(config: ImageTrainConfig, template: str | None = None) -> PromptBuilder:
+    """The run's prompt templates (`template` instead of caption_template if given); without placeholder
+    tokens the default templates drop their "in the style of {tokens}" part (custom templates are used
+    as given)."""
+    template = config.caption_template if template is None else template
+    instance = config.instance_prompt
     if not config.placeholder_tokens:
         defaults = {f.name: f.default for f in dataclasses.fields(ImageTrainConfig)}
-        if template == defaults["caption_template"]:
+        if template == defaults["caption_template"] or template in STYLE_TEMPLATES:
             template = "{caption}"
         if instance == defaults["instance_prompt"]:
             instance = "a picture"
     return PromptBuilder(list(config.placeholder_tokens), template, instance)
+
+
+def prompt_builders(config: ImageTrainConfig) -> list[PromptBuilder]:
+    """caption_template's builder, then caption_templates' (the training prompts drawn per step)."""
+    return [prompt_builder(config, t) for t in [config.caption_template, *config.caption_templates]]
 
 
 def _uint8(image) -> torch.Tensor:
@@ -806,16 +919,39 @@ def _uint8(image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).copy())
 
 
-def image_grid(images: list, columns: int = 4):
-    from PIL import Image
+def labelled_grid(rows: list[tuple[str, list]], columns: list[str], title: str, min_cell: int = 128):
+    """A grid of images with words on it: `title` on top, a header with the `columns`' names, then per
+    row its label (the prompt) above its images. Images are upscaled by a whole factor with
+    nearest-neighbour (so 32-pixel images stay sharp) until a cell is at least `min_cell` pixels."""
+    from PIL import Image, ImageDraw, ImageFont
 
-    columns = max(1, min(columns, len(images)))
-    rows = math.ceil(len(images) / columns)
+    images = [im for _, row in rows for im in row]
     w = max(im.size[0] for im in images)
     h = max(im.size[1] for im in images)
-    grid = Image.new("RGB", (columns * w, rows * h), "white")
-    for i, image in enumerate(images):
-        grid.paste(image, ((i % columns) * w, (i // columns) * h))
+    factor = max(1, math.ceil(min_cell / min(w, h)))
+    cw, ch = w * factor, h * factor
+    font = ImageFont.load_default(size=12)
+    gap, line = 4, 16
+    ncols = max(len(columns), max(len(row) for _, row in rows))
+    texts = [title] + [label for label, _ in rows]
+    width = max(ncols * (cw + gap) + gap, max(int(font.getlength(t)) for t in texts) + 2 * gap)
+    height = line + gap + line + len(rows) * (line + ch + gap) + gap
+    grid = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(grid)
+    draw.text((gap, 2), title, fill="black", font=font)
+    y = line + gap
+    for j, name in enumerate(columns):
+        draw.text((gap + j * (cw + gap), y), name, fill=(60, 60, 60), font=font)
+    y += line
+    for label, row in rows:
+        draw.text((gap, y + 1), label, fill=(20, 20, 120), font=font)
+        y += line
+        for j, image in enumerate(row):
+            grid.paste(
+                image.resize((image.size[0] * factor, image.size[1] * factor), Image.NEAREST),
+                (gap + j * (cw + gap), y),
+            )
+        y += ch + gap
     return grid
 
 
