@@ -746,7 +746,78 @@ def list_text(rng: random.Random) -> str:
     return "\n".join(lines)
 
 
+READ_PREFIXES = [
+    "Read this: ",
+    "Sentence: ",
+    "Look: ",
+    "Here is a sentence: ",
+    "Note: ",
+    "Say what happened: ",
+    "",
+]
+ROLE_WORDS = {"who": 0, "did": 1, "where": 2}
+
+
+def extract_lines(parts: tuple[str, str, str], rng: random.Random) -> str:
+    """The parts of a `who did where` sentence, each named by its role word, in one of several
+    plain-text layouts (never the fine-tune's JSON); the order of the roles varies, so a role word has
+    to be matched to its words in the sentence rather than to a position."""
+    roles = ["who", "did", "where"]
+    if rng.random() < 0.3:
+        rng.shuffle(roles)
+    k = rng.randrange(5)
+    if k == 0:
+        return " ".join(f"{r}: {parts[ROLE_WORDS[r]]}." for r in roles)
+    if k == 1:
+        return "\n".join(f"{r} = {parts[ROLE_WORDS[r]]}" for r in roles)
+    if k == 2:
+        return ", ".join(f'the {r} is "{parts[ROLE_WORDS[r]]}"' for r in roles) + "."
+    if k == 3:
+        return "; ".join(f"{r} - {parts[ROLE_WORDS[r]]}" for r in roles)
+    return "\n".join(f"{cap(r)}: {parts[ROLE_WORDS[r]]}" for r in roles)
+
+
+def extract(rng: random.Random) -> str:
+    """A `who did where` sentence, then its parts copied out by role: in-context extraction."""
+    parts = task_parts(rng)
+    sent = task_sentence(parts)
+    head = rng.choice(READ_PREFIXES) + sent
+    if rng.random() < 0.25:  # the chat layout of the fine-tune, with a plain-text request
+        ask = rng.choice(["Name the parts: ", "Split it up: ", "Who, did, where: ", "Take apart: "])
+        return f"<|user|>\n{ask}{sent}\n<|assistant|>\n{extract_lines(parts, rng)}"
+    return f"{head}{rng.choice([' ', chr(10)])}{extract_lines(parts, rng)}"
+
+
+def all_words() -> list[str]:
+    return sorted(
+        set(
+            NAMES
+            + ANIMALS
+            + PEOPLE
+            + OBJECTS
+            + PLACES
+            + COLOURS
+            + SIZES
+            + FEELINGS
+            + [v[0] for v in VERBS]
+            + PREPS
+        )
+    )
+
+
+_ALL_WORDS = all_words()
+
+
+def repeat(rng: random.Random) -> str:
+    """Random words, then the same words again: only copying predicts the second half."""
+    words = " ".join(rng.choice(_ALL_WORDS) for _ in range(rng.randint(3, 12)))
+    a, b = rng.choice([("Words", "Again"), ("List", "Same list"), ("Say", "Repeat"), ("First", "Copy")])
+    sep = rng.choice([" ", "\n"])
+    return f"{a}: {words}.{sep}{b}: {words}."
+
+
 def document(rng: random.Random) -> str:
+    """One document of the `base` mix (the corpus of the shipped tiny-llama)."""
     r = rng.random()
     if r < 0.42:
         return story(rng)
@@ -759,9 +830,32 @@ def document(rng: random.Random) -> str:
     return list_text(rng)
 
 
-def make_corpus(n_docs: int, seed: int) -> list[str]:
+def copy_document(rng: random.Random) -> str:
+    """One document of the `copy` mix: mostly text that rewards copying from earlier in the document
+    (extraction by role, random word lists said twice, questions, echoes), some stories and sentences."""
+    r = rng.random()
+    if r < 0.15:
+        return story(rng)
+    if r < 0.23:
+        return " ".join(simple_sentence(rng) for _ in range(rng.randint(2, 6)))
+    if r < 0.38:
+        return qa(rng)
+    if r < 0.46:
+        return echo(rng)
+    if r < 0.48:
+        return list_text(rng)
+    if r < 0.83:
+        return extract(rng)
+    return repeat(rng)
+
+
+MIXES = {"base": document, "copy": copy_document}
+
+
+def make_corpus(n_docs: int, seed: int, mix: str = "base") -> list[str]:
     rng = random.Random(seed)
-    return [document(rng) for _ in range(n_docs)]
+    make = MIXES[mix]
+    return [make(rng) for _ in range(n_docs)]
 
 
 # ----------------------------------------------------------------------------- fine-tune task
@@ -801,12 +895,18 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=1500, help="fine-tune training rows")
     ap.add_argument("--heldout", type=int, default=100, help="held-out fine-tune rows")
     ap.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
+    ap.add_argument(
+        "--mix",
+        choices=sorted(MIXES),
+        default="base",
+        help="document mix: base (the shipped tiny-llama's corpus) or copy (copy-rewarding documents, experimental)",
+    )
     ap.add_argument("--examples-dir", type=Path, default=DEFAULT_EXAMPLES)
     ap.add_argument("--no-corpus", action="store_true", help="only write the fine-tune dataset")
     args = ap.parse_args()
 
     if not args.no_corpus:
-        docs = make_corpus(args.docs, args.seed)
+        docs = make_corpus(args.docs, args.seed, args.mix)
         text = "\n\n".join(docs) + "\n"
         assert "{" not in text and "JSON" not in text, "the corpus must not contain the fine-tune task"
         args.corpus.parent.mkdir(parents=True, exist_ok=True)

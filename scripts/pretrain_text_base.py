@@ -50,7 +50,7 @@ def read_documents(path: Path) -> list[str]:
     return [d.strip() for d in path.read_text().split("\n\n") if d.strip()]
 
 
-def train_tokenizer(docs: list[str], vocab_size: int):
+def train_tokenizer(docs: list[str], vocab_size: int, spaces: str = "isolated"):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -58,12 +58,15 @@ def train_tokenizer(docs: list[str], vocab_size: int):
     # Every whitespace character is its own token and words never carry a leading space, so a word
     # has the same tokens wherever it stands (` cat`, `"cat"`, line start): a format that quotes
     # words (JSON) reuses the tokens the base learned in plain text instead of rare byte pieces.
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(r"\s"), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-        ]
-    )
+    if spaces == "isolated":
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(r"\s"), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            ]
+        )
+    else:  # "prefix": GPT-2 style, a word carries the space before it (` cat`), no space tokens between words
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -145,6 +148,80 @@ def eval_loss(model, data: torch.Tensor, batch_size: int) -> float:
     return sum(losses) / len(data)
 
 
+PROBE_DATA = ROOT / "src" / "loraforge" / "examples" / "text" / "heldout.jsonl"
+
+
+def probe_rows(n: int) -> list[tuple[str, tuple[str, str, str]]]:
+    """(sentence, (who, did, where)) of the first `n` held-out fine-tune rows: sentences the corpus never used."""
+    import json
+
+    rows = []
+    for line in PROBE_DATA.read_text().splitlines()[:n]:
+        r = json.loads(line)
+        sent = r["prompt"].split(": ", 1)[1].strip()
+        c = json.loads(r["completion"])
+        rows.append((sent, (c["who"], c["did"], c["where"])))
+    return rows
+
+
+def _loss_positions(offsets: list, start: int, end: int) -> list[int]:
+    """Positions in a shifted loss vector of the tokens whose characters lie in [start, end) (a token
+    may start one character early: its leading space)."""
+    return [i - 1 for i, (x, y) in enumerate(offsets) if i > 0 and y > x and x >= start - 1 and y <= end]
+
+
+@torch.no_grad()
+def echo_ratio(model, tokenizer, n: int = 100, seed: int = 12345) -> float:
+    """Mean loss on a list of 6-12 random words said the second time (`Words: <list>. Again: <list>.`)
+    over its loss the first time: about 1 without in-context copying, near 0 with it."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from make_text_data import all_words
+
+    vocab, rng = all_words(), random.Random(seed)
+    first, second = [], []
+    for _ in range(n):
+        words = " ".join(rng.choice(vocab) for _ in range(rng.randint(6, 12)))
+        a = f"Words: {words}."
+        enc = tokenizer(f"{a} Again: {words}.", return_tensors="pt", return_offsets_mapping=True)
+        ids, off = enc["input_ids"], enc["offset_mapping"][0].tolist()
+        lp = torch.nn.functional.cross_entropy(
+            model(input_ids=ids).logits[0, :-1], ids[0, 1:], reduction="none"
+        )
+        s1, s2 = len("Words: "), len(a) + len(" Again: ")
+        first.append(lp[_loss_positions(off, s1, s1 + len(words))].mean().item())
+        second.append(lp[_loss_positions(off, s2, s2 + len(words))].mean().item())
+    return sum(second) / sum(first)
+
+
+@torch.no_grad()
+def copy_probe(model, tokenizer, rows) -> dict:
+    """In-context copying, measured directly: greedy continuation of `Read this: <sentence> who:` on
+    held-out sentences, compared with `<who>. did: <did>. where: <where>.` (one of the corpus's
+    plain-text extraction layouts). Returns the share of rows with each part right and all three."""
+    model.eval()
+    prompts = [f"Read this: {sent} who:" for sent, _ in rows]  # no trailing space: with `--spaces prefix`
+    # the space belongs to the next word's token
+    tokenizer.padding_side = "left"
+    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    tokenizer.padding_side = "right"
+    out = model.generate(**enc, max_new_tokens=32, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    hits = {"who": 0, "did": 0, "where": 0, "all": 0}
+    for text, (w, d, p) in zip(texts, [r[1] for r in rows]):
+        got = {"who": text.split(".")[0].strip()}
+        got["did"] = text.split("did: ", 1)[1].split(".")[0].strip() if "did: " in text else ""
+        got["where"] = text.split("where: ", 1)[1].split(".")[0].strip() if "where: " in text else ""
+        ok = [got["who"].lower() == w.lower(), got["did"] == d, got["where"] == p]
+        for k, o in zip(("who", "did", "where"), ok):
+            hits[k] += o
+        hits["all"] += all(ok)
+    res = {k: v / len(rows) for k, v in hits.items()}
+    res["echo_ratio"] = echo_ratio(model, tokenizer)
+    model.train()
+    res["sample"] = prompts[0] + texts[0]
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
@@ -165,6 +242,21 @@ def main() -> None:
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--tokenizer-docs", type=int, default=20000, help="documents used to train the BPE")
     ap.add_argument("--log-every", type=int, default=25)
+    ap.add_argument(
+        "--spaces",
+        choices=["isolated", "prefix"],
+        default="isolated",
+        help="isolated: every whitespace character is its own token; prefix: words carry their leading space",
+    )
+    ap.add_argument(
+        "--probe-every", type=float, default=5.0, help="minutes between copy probes (0: only at the end)"
+    )
+    ap.add_argument("--probe-rows", type=int, default=50)
+    ap.add_argument(
+        "--corpus-command",
+        default="python scripts/make_text_data.py",
+        help="how the corpus was made, for the record in TRAINING.md",
+    )
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -178,7 +270,7 @@ def main() -> None:
     docs = read_documents(args.corpus)
     print(f"corpus: {len(docs)} documents from {args.corpus}")
 
-    tokenizer = train_tokenizer(docs[: args.tokenizer_docs], args.vocab_size)
+    tokenizer = train_tokenizer(docs[: args.tokenizer_docs], args.vocab_size, args.spaces)
     print(f"tokenizer: vocab {len(tokenizer)}")
 
     data = pack(docs, tokenizer, args.seq_len)
@@ -206,9 +298,24 @@ def main() -> None:
     step, tokens, pos = 0, 0, 0
     order = torch.randperm(len(train), generator=g)
     recent: list[float] = []
+    rows = probe_rows(args.probe_rows)
+    probes: list[tuple[int, float, dict]] = []
+    next_probe = args.probe_every * 60.0 if args.probe_every > 0 else float("inf")
     t_loop = time.time()
     while True:
         elapsed = time.time() - t_loop
+        if elapsed >= next_probe:
+            t_probe = time.time()
+            pr = copy_probe(model, tokenizer, rows)
+            probes.append((step, elapsed, pr))
+            print(
+                f"probe at step {step} ({elapsed / 60:.1f} min): who {pr['who']:.2f} did {pr['did']:.2f} "
+                f"where {pr['where']:.2f} all {pr['all']:.2f} echo ratio {pr['echo_ratio']:.3f}  | {pr['sample']!r}",
+                flush=True,
+            )
+            next_probe += args.probe_every * 60.0
+            t_loop += time.time() - t_probe  # probing does not eat the training budget
+            continue
         if elapsed >= budget:
             break
         frac = elapsed / budget
@@ -249,6 +356,9 @@ def main() -> None:
         f"done: {step} steps, {tokens:,} tokens, {train_time:.0f}s, train loss {final_train:.4f}, val loss {final_val:.4f}"
     )
 
+    final_probe = copy_probe(model, tokenizer, probe_rows(100))
+    print(f"final copy probe (100 held-out sentences): {final_probe}")
+
     # samples for the record
     model.eval()
     samples = []
@@ -277,7 +387,7 @@ def main() -> None:
         "of `scripts/make_text_data.py` (template stories, sentences, questions; no JSON).",
         "",
         "```",
-        "python scripts/make_text_data.py",
+        args.corpus_command,
         cmd,
         "```",
         "",
@@ -302,12 +412,47 @@ def main() -> None:
         "",
         "Notes:",
         "",
-        "- Tokenizer: byte-level BPE where every whitespace character is its own token and words carry no",
-        "  leading space, so a word has the same tokens in running text and inside quotes (JSON values).",
+        *(
+            [
+                "- Tokenizer: byte-level BPE where every whitespace character is its own token and words carry no",
+                "  leading space, so a word has the same tokens in running text and inside quotes (JSON values).",
+            ]
+            if args.spaces == "isolated"
+            else [
+                "- Tokenizer: GPT-2 style byte-level BPE (`--spaces prefix`): a word carries the space before it",
+                "  (`Ġbridge`), so there are no space tokens between words and copying a word means copying the",
+                "  token after the previous occurrence of the current one (a plain induction head).",
+            ]
+        ),
         "- Documents are packed as `<s> text </s>`; the tokenizer adds `<s>` itself; the chat template renders",
         "  `<s><|user|>\\n...\\n<|assistant|>\\n...</s>\\n` (plain text, no extra special tokens).",
-        "- This is a demo base: it writes simple template English, but minutes of CPU pretraining do not give",
-        "  it in-context copying (repeating or extracting words from its prompt).",
+        "- The corpus (the `make_text_data.py` command above) never contains braces or the word JSON, so the",
+        "  JSON format of the example fine-tune stays new to the base.",
+        (
+            "- The copy probe below is low: this base does not copy words out of its prompt, so a fine-tune"
+            "\n  can teach it a format but not values taken from the prompt."
+            if final_probe["all"] < 0.5
+            else "- The copy probe below shows in-context copying: the base can take words out of its prompt."
+        ),
+        "",
+        "In-context copying, measured during training (`copy_probe`): greedy continuation of",
+        "`Read this: <sentence> who:` on the held-out fine-tune sentences (50 during training, 100 at the",
+        "end), share with the right who / did / where / all three:",
+        "",
+        "Echo ratio: loss on a list of random words said the second time over its loss the first time",
+        "(`Words: <list>. Again: <list>.`, 100 lists): about 1 without copying, near 0 with it.",
+        "",
+        "| step | minutes | who | did | where | all | echo ratio |",
+        "|---|---|---|---|---|---|---|",
+        *[
+            f"| {st} | {el / 60:.0f} | {pr['who']:.2f} | {pr['did']:.2f} | {pr['where']:.2f} | {pr['all']:.2f} "
+            f"| {pr['echo_ratio']:.3f} |"
+            for st, el, pr in probes
+        ],
+        f"| {step} (final, 100 rows) | {train_time / 60:.0f} | {final_probe['who']:.2f} | {final_probe['did']:.2f} "
+        f"| {final_probe['where']:.2f} | {final_probe['all']:.2f} | {final_probe['echo_ratio']:.3f} |",
+        "",
+        f"Probe sample: {final_probe['sample']!r}",
         "",
         "Greedy samples:",
         "",
