@@ -121,3 +121,12 @@ def test_overwrite_starts_over_removing_only_the_runs_files(text_env, tmp_path):
 def test_resume_and_overwrite_together_are_refused(text_env, finished):
     proc = train(text_env, finished, "--overwrite", resume="latest")
     assert proc.returncode == 2 and "contradict" in proc.stderr
+
+
+def test_resume_with_more_steps_extends_a_finished_run(text_env, tmp_path):
+    out = tmp_path / "run"
+    assert train(text_env, out).returncode == 0
+    proc = train(text_env, out, resume="latest", max_steps=STEPS + 2)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"steps {STEPS + 1}-{STEPS + 2} of {STEPS + 2}" in proc.stdout
+    assert list_checkpoints(out)[-1][0] == STEPS + 2

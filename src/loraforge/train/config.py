@@ -175,8 +175,12 @@ class TrainConfig:
     """CPU threads for PyTorch on each process. 0: one per core this process may run on, divided
     among the processes of a multi-process run. Set it for bit-identical reruns."""
 
-    # What may differ when a run is resumed: none of these change the trained weights.
+    # What may differ when a run is resumed: none of these change the trained weights, except the
+    # run's length: resuming with a larger max_steps (or epochs) extends a run, which is what resume
+    # is for (the loop notes the new total; a cosine or linear schedule is stretched to it).
     RESUME_FREE: ClassVar[tuple[str, ...]] = (
+        "max_steps",
+        "epochs",
         "output_dir",
         "resume",
         "overwrite",

@@ -568,7 +568,7 @@ class _Run:
         if self.main:
             self.task.save_adapter(adapter_dir)
             history = read_metrics(self.out / METRICS_NAME)
-            label = getattr(self.task, "eval_loss_label", None) or "eval loss"
+            label = self.task.eval_loss_label
             draw_loss_curve(history, self.out / "loss.png", eval_label=label)
         self.accelerator.wait_for_everyone()
         return self._result(adapter_dir, history=history)

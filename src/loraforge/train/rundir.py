@@ -6,7 +6,8 @@ A run directory holds ``adapter/``, ``checkpoints/step-N/``, ``metrics.csv``, ``
 * a new run (no `resume`) into a directory that holds a run is refused, naming ``--resume latest``
   and ``--overwrite`` (which removes that run's files, and only those, first);
 * ``--resume`` of a run whose newest checkpoint is its last step and whose adapter is there: nothing
-  to do, the run is reported as finished (exit status 0, nothing touched);
+  to do, the run is reported as finished (exit status 0, nothing touched), unless the resume asks
+  for a longer run (another max_steps or epochs), which continues it;
 * ``--resume`` with settings that would change the result (rank, targets, data, batch size,
   schedule, seed ...) is refused, naming the keys that differ. The fields a config class lists in
   `RESUME_FREE` (how often to log, evaluate, sample and save; the progress bar ...) may differ.
@@ -70,7 +71,12 @@ def prepare(config, main: bool = True) -> Finished | None:
         _check_same_settings(config, state.get("config") or {}, checkpoint)
         adapter = out / ADAPTER_DIR
         total = state.get("total_steps")
-        if total is not None and state["step"] >= total and adapter.is_dir() and any(adapter.iterdir()):
+        saved = state.get("config") or {}
+        same_length = all(
+            saved.get(k, getattr(config, k)) == getattr(config, k) for k in ("max_steps", "epochs")
+        )
+        done = total is not None and state["step"] >= total and same_length
+        if done and adapter.is_dir() and any(adapter.iterdir()):
             loss = _last_loss(checkpoint)
             return Finished(adapter, checkpoint, state["step"], total, loss)
         return None

@@ -45,6 +45,9 @@ class Task(ABC):
     throughput_unit: str = "tok"
     """What `input_tokens` counts, as the progress bar shows it ("tok/s")."""
 
+    eval_loss_label: str = "eval loss"
+    """How loss.png names the curve of `eval_loss` (say what it is measured on)."""
+
     # -- required --------------------------------------------------------------------------------------
 
     @abstractmethod
