@@ -3,6 +3,7 @@
     loraforge run --list
     loraforge run lora_training '{images: photos.zip, seed: 3}'          # prints the result's CID
     loraforge run lora_inference '{lora: Qm…, prompt: "a circle in the style of <s1><s2>", seed: 3}' --out images/
+    loraforge run lora_inference --set lora=Qm… --set "prompt=a circle in the style of <s1><s2>"
     loraforge show Qm…            # the job record of a result (or a record's CID), or what an object is
     loraforge ls                  # the job records, newest last
     loraforge export Qm… DIR      # the result directory;  --car FILE: as a CAR file
@@ -58,6 +59,13 @@ def run_arguments(parser: argparse.ArgumentParser) -> None:
         help="parameters: a JSON object or YAML flow mapping, e.g. '{seed: 3, steps: 500}'",
     )
     parser.add_argument("--params-file", default=None, help="read the parameters from a JSON or YAML file")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="one parameter, on top of the others (a text parameter takes VALUE as it is); repeatable",
+    )
     parser.add_argument("--list", action="store_true", help="list the modules, their parameters and defaults")
     parser.add_argument(
         "--cid-version", type=int, choices=(0, 1), default=0, help="0: Qm… (default), 1: bafy…"
@@ -69,7 +77,7 @@ def run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_run(args) -> int:
-    from loraforge.jobs.modules import describe_modules, parse_params
+    from loraforge.jobs.modules import describe_modules, find_module, parse_assignments, parse_params
     from loraforge.jobs.runner import run_job
 
     if args.list:
@@ -86,11 +94,15 @@ def run_run(args) -> int:
         except OSError as e:
             raise NotFound(f"cannot read --params-file {args.params_file}: {e.strerror}") from None
     params = parse_params(text)
+    if args.set:
+        params.update(parse_assignments(find_module(args.module), args.set))
     out = Path(args.out) if args.out else None
     if out is not None and out.exists() and not (out.is_dir() and not any(out.iterdir())):
         raise UserError(f"--out {out} exists and is not an empty directory")
     store = _store(args)
     job = run_job(args.module, params, store=store, cid_version=args.cid_version, quiet=args.quiet)
+    if not job.record:  # not rank 0 of a multi-process launch: rank 0 reports
+        return 0
     if out is not None:
         _export_into(store, job.result, out)
     if args.json:

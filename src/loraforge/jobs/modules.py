@@ -207,6 +207,29 @@ def parse_params(text: str | None) -> dict:
     return value
 
 
+def parse_assignments(module: Module, items: list[str]) -> dict:
+    """``NAME=VALUE`` pairs (``--set``) -> parameters. A string or path parameter takes VALUE as it is
+    (a prompt such as ``3 cats`` stays text); other types read VALUE as YAML (``seed=3``, ``greedy=true``)."""
+    import yaml
+
+    out = {}
+    for item in items:
+        name, eq, text = item.partition("=")
+        if not eq or not name:
+            raise ConfigError(f"--set {item!r}: write NAME=VALUE")
+        param = module.param(name)
+        if param is None:
+            raise ConfigError(f"{module.name} has no parameter {name!r}; accepted: {module.accepted()}")
+        if param.type in ("str", "input", "loras", "tokens"):
+            out[name] = text
+        else:
+            try:
+                out[name] = yaml.safe_load(text) if text.strip() else None
+            except yaml.YAMLError:
+                out[name] = text  # reported as a wrong type, with the parameter's name
+    return out
+
+
 # -- helpers shared by the modules -----------------------------------------------------------------
 
 TIME_COLUMNS = ("tokens_per_s", "elapsed_s")

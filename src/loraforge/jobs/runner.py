@@ -228,6 +228,12 @@ def prepare(module_spec: str, params: dict | None, store: Store) -> tuple[Module
     """Step 1: (module, resolved parameters, input paths), or a UserError; writes no object."""
     module = find_module(module_spec)
     resolved = default_inputs(module, resolve_params(module, params or {}))
+    for p in module.params:  # an adapter given without a weight gets the module's default weight
+        if p.type == "loras":
+            default = resolved.get("finetune_weighting", 1.0)
+            resolved[p.name] = [
+                {**x, "weight": default if x["weight"] is None else x["weight"]} for x in resolved[p.name]
+            ]
     paths = check_inputs(store, module, resolved)
     single = {name: path for (name, index), path in paths.items() if index is None}
     module.check(resolved, single) if module.check else None
@@ -260,6 +266,11 @@ def _execute(store: Store, module: Module, params: dict, cid_version: int, add: 
     return cid, metrics, timings, log.getvalue(), env
 
 
+def is_main_process() -> bool:
+    """False in the processes other than rank 0 of an `accelerate launch` / `torchrun` job."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def run_job(
     module_spec: str,
     params: dict | None = None,
@@ -270,7 +281,8 @@ def run_job(
 ) -> JobResult:
     """Runs `module_spec` (``NAME[:VERSION]``) with `params`; see the module docstring. The result and
     record are in `store` (default: the one under $LORAFORGE_HOME); UserError for bad input, raised
-    before anything is written."""
+    before anything is written. Under `accelerate launch` / `torchrun` every process trains and only
+    rank 0 adds the result and writes the record (the others return `record` "")."""
     if cid_version not in (0, 1):
         raise ConfigError(f"cid_version must be 0 or 1, got {cid_version}")
     store = store or Store()
@@ -280,6 +292,9 @@ def run_job(
     add_inputs(store, module, resolved, paths, cid_version)
     inputs = {f"{n}" if i is None else f"{n}[{i}]": s for n, i, s in input_sources(module, resolved)}
     prepare_s = round(time.perf_counter() - t0, 3)
+    if not is_main_process():  # a multi-process launch: the other processes train, rank 0 stores
+        cid, *_ = _execute(store, module, resolved, cid_version, False, True)
+        return JobResult(cid, "", {})
     cid, metrics, timings, log, env = _execute(store, module, resolved, cid_version, True, quiet)
     record = {
         "format": RECORD_FORMAT,
