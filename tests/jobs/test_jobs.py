@@ -357,6 +357,7 @@ def test_result_cid_equals_kubos(trained, tmp_path):
     import kubo as kubo_oracle
 
     _, store, (a, _, c) = trained
+    (tmp_path / "kubo").mkdir()
     node = kubo_oracle.Kubo(tmp_path / "kubo" / "repo")
     try:
         for job in (a, c):
@@ -364,3 +365,18 @@ def test_result_cid_equals_kubos(trained, tmp_path):
             assert node.add(out) == job.result
     finally:
         node.close()
+
+
+def test_runtime_resolves_a_stored_cid(trained, monkeypatch):
+    """Any adapter argument takes a CID: a training result's CID names its adapter/."""
+    from loraforge.runtime import AdapterSpec, locate_adapter, parse_adapter_spec, recorded_base
+
+    home, store, (a, _, _) = trained
+    monkeypatch.setenv("LORAFORGE_HOME", str(home))
+    spec = parse_adapter_spec(f"{a.result}:0.7")
+    assert spec == AdapterSpec(a.result, 0.7)
+    path = locate_adapter(spec)
+    assert path.name == "adapter" and (path / "pytorch_lora_weights.safetensors").is_file()
+    assert recorded_base(path) == "tiny-sd"
+    with pytest.raises(NotFound, match="not an adapter in the store"):
+        locate_adapter(AdapterSpec(a.record))

@@ -365,3 +365,6 @@ def verify(cid: str, store: Store | None = None, quiet: bool = True) -> Verifica
     check_inputs(store, module, params)
     got, *_ = _execute(store, module, params, record.get("cid_version", 0), False, quiet)
     return Verification(name, record["result"], got, store.verify_object(record["result"]))
+
+
+verify_job = verify  # the name `loraforge` exports
