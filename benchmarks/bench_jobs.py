@@ -41,11 +41,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--home", default=None, help="LORAFORGE_HOME to keep the jobs' store in (default: temporary)"
+    )
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-jobs-"))
     env = dict(os.environ, PYTHONPATH=f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    env["LORAFORGE_HOME"] = str(work / "home")
+    env["LORAFORGE_HOME"] = args.home or str(work / "home")
     params = json.dumps({"images": str(STYLE), "seed": 3, "steps": args.steps})
     job = ["run", "lora_training", params, "--quiet"]
     train = [

@@ -35,14 +35,14 @@ def js(text: str) -> str:
 
 
 def render(template: str, values: dict[str, str]) -> str:
-    """The few Go template forms the modules use: {{ if .X }}{{ js .X }}{{ else }}D{{ end }}, {{ js .X }}, {{ .X }}."""
+    """As Lilypad renders a module: Go text/template with each input JSON-encoded (inputs are strings).
+    The forms the modules use: {{ .X }} and {{ if .X }}{{ .X }}{{ else }}"default"{{ end }}."""
 
     def cond(m):
-        return js(values[m[1]]) if values.get(m[1]) else m[2]
+        return json.dumps(values[m[1]]) if values.get(m[1]) else m[2]
 
-    text = re.sub(r"\{\{ if \.(\w+) \}\}\{\{ js \.\1 \}\}\{\{ else \}\}(.*?)\{\{ end \}\}", cond, template)
-    text = re.sub(r"\{\{ js \.(\w+) \}\}", lambda m: js(values[m[1]]), text)
-    text = re.sub(r"\{\{ \.(\w+) \}\}", lambda m: values[m[1]], text)
+    text = re.sub(r"\{\{ if \.(\w+) \}\}\{\{ \.\1 \}\}\{\{ else \}\}(.*?)\{\{ end \}\}", cond, template)
+    text = re.sub(r"\{\{ \.(\w+) \}\}", lambda m: json.dumps(values[m[1]]), text)
     assert "{{" not in text
     return text
 
@@ -101,7 +101,13 @@ def test_entrypoint_gives_the_local_runs_cid(tmp_path, monkeypatch, capsys):
     assert (image_outputs / "images" / "3.png").is_file()
 
 
-@pytest.mark.parametrize("prompt", ['say "hi" & <s1>=x'])
+@pytest.mark.parametrize("prompt", ['say "hi" & it\'s <s1>=x \\ {a: b}', "3"])
 def test_prompt_survives_the_template(prompt):
-    spec = job_spec("lora-inference", {"LoraCID": "Qm", "Prompt": prompt})
-    assert f"prompt={prompt}" in spec["job"]["Spec"]["Docker"]["Entrypoint"]
+    from loraforge.jobs.modules import MODULES, parse_assignments
+
+    argv = job_spec("lora-inference", {"LoraCID": "Qm", "Prompt": prompt})["job"]["Spec"]["Docker"][
+        "Entrypoint"
+    ]
+    i = argv.index("prompt")
+    assert argv[i - 1 : i + 2] == ["--param", "prompt", prompt]
+    assert parse_assignments(MODULES["lora_inference"], [f"prompt={prompt}"]) == {"prompt": prompt}

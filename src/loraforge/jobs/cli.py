@@ -66,6 +66,14 @@ def run_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME=VALUE",
         help="one parameter, on top of the others (a text parameter takes VALUE as it is); repeatable",
     )
+    parser.add_argument(
+        "--param",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("NAME", "VALUE"),
+        help="as --set NAME=VALUE, with the value as its own argument (how the Lilypad templates pass them)",
+    )
     parser.add_argument("--list", action="store_true", help="list the modules, their parameters and defaults")
     parser.add_argument(
         "--cid-version", type=int, choices=(0, 1), default=0, help="0: Qm… (default), 1: bafy…"
@@ -94,8 +102,9 @@ def run_run(args) -> int:
         except OSError as e:
             raise NotFound(f"cannot read --params-file {args.params_file}: {e.strerror}") from None
     params = parse_params(text)
-    if args.set:
-        params.update(parse_assignments(find_module(args.module), args.set))
+    assignments = args.set + [f"{name}={value}" for name, value in args.param]
+    if assignments:
+        params.update(parse_assignments(find_module(args.module), assignments))
     out = Path(args.out) if args.out else None
     if out is not None and out.exists() and not (out.is_dir() and not any(out.iterdir())):
         raise UserError(f"--out {out} exists and is not an empty directory")

@@ -79,6 +79,10 @@ class Module:
     """check(params, inputs): the module's own checks of its inputs, before anything is written."""
     input_names: dict[str, str] = field(default_factory=dict)
     """How to name a file input when it is exported from the store (its suffix matters), by parameter."""
+    complete: Callable | None = field(default=None, repr=False)
+    """complete(params) -> params with the defaults that depend on other parameters filled in, so a
+    record (and the result's job.json) shows the values used: `{seed: 3}` and `{seed: 3, steps: 1500}`
+    are the same job."""
 
     @property
     def id(self) -> str:
@@ -182,7 +186,7 @@ def resolve_params(module: Module, given: dict) -> dict:
             raise ConfigError(f"{module.name} needs the parameter {p.name} ({p.help})")
         else:
             out[p.name] = p.default
-    return out
+    return module.complete(out) if module.complete else out
 
 
 def parse_params(text: str | None) -> dict:
@@ -279,6 +283,22 @@ LORA_PTI_TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 def is_sd15(base: str) -> bool:
     return base.lower().rstrip("/") in SD15_NAMES or base.rstrip("/").endswith("stable-diffusion-v1-5")
+
+
+def complete_training(params: dict) -> dict:
+    """steps, rank and resolution from the recipe of the base (see image_train_config) when not given."""
+    from loraforge.train.image import native_resolution
+
+    p = dict(params)
+    sd15 = is_sd15(p["base"])
+    p["steps"] = p["steps"] or (2000 if sd15 else 1500)
+    p["rank"] = p["rank"] or (1 if sd15 else 8)
+    if not p["resolution"]:
+        try:
+            p["resolution"] = 512 if sd15 else native_resolution(p["base"])
+        except Exception:  # noqa: BLE001 - an unreadable base is reported by the module's check
+            pass
+    return p
 
 
 def image_train_config(params: dict, data: str | None, output_dir: str):
@@ -540,6 +560,7 @@ MODULES: dict[str, Module] = {
             run_training,
             check_training,
             {"images": "images.zip"},
+            complete_training,
         ),
         Module(
             "lora_inference",
