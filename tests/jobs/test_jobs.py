@@ -240,6 +240,23 @@ def test_tampered_result_is_reported(store):
     assert main(["fsck"]) == 1
 
 
+def test_folder_holding_images_zip(store, tmp_path):
+    """Lilypad's layout: the images input is a folder (or CID) holding images.zip."""
+    import zipfile
+
+    (tmp_path / "in").mkdir()
+    with zipfile.ZipFile(tmp_path / "in" / "images.zip", "w") as z:
+        for path in sorted(STYLE.glob("0[0-3]_*")):
+            z.write(path, path.name)
+    job = run_job("lora_training", {"images_cid": str(tmp_path / "in"), "seed": 3, "steps": 1}, quiet=True)
+    images = job.data["params"]["images"]
+    assert store._kind(images) == "files" and images == cid_of(tmp_path / "in" / "images.zip")
+    folder = store.add(tmp_path / "in")
+    assert (
+        run_job("lora_training", {"images": folder, "seed": 3, "steps": 1}, quiet=True).result != job.result
+    )
+
+
 def test_cid_version_1(store):
     job = run_job("lora_training", {**SHORT, "steps": 1}, cid_version=1, quiet=True)
     assert job.result.startswith("bafy") and job.data["params"]["images"].startswith("bafy")

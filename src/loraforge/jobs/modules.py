@@ -25,6 +25,7 @@ import csv
 import io
 import json
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -303,8 +304,11 @@ def complete_training(params: dict) -> dict:
 
 def image_train_config(params: dict, data: str | None, output_dir: str):
     """The ImageTrainConfig of a lora_training job: train-image's defaults on the embedded pipeline,
-    Lilypad's lora_pti recipe (SD 1.5, 512 px, rank 1, 1000 + 1000 steps, lr 1e-4 / text 1e-5 /
-    tokens 5e-4, batch 1 x 4, weight decay 1e-3, linear schedule) when `base` names SD 1.5."""
+    Lilypad's lora_pti recipe when `base` names SD 1.5: 512 px, rank 1 on lora_pti's layers (UNet
+    attention + GEGLU, text-encoder attention), lr 1e-4 / text 1e-5 / tokens 5e-4, batch 1 x 4,
+    weight decay 1e-3, linear schedule, tokens <s1>|<s2>. lora_pti first learns the tokens alone
+    (1000 steps) and then tunes LoRA with them (1000); loraforge's pivotal tuning learns both
+    together, so the recipe is one phase of 2000 steps. No colour jitter."""
     from loraforge.config import LoraConfig
     from loraforge.train.image import ImageTrainConfig
 
@@ -348,10 +352,23 @@ def image_train_config(params: dict, data: str | None, output_dir: str):
     )
 
 
+def images_source(path: Path) -> Path:
+    """The training images of an `images` input: the folder or zip itself, or the one .zip of a folder
+    that holds no image (Lilypad's convention: the images CID holds ``images.zip``)."""
+    if path.is_dir():
+        entries = [p for p in path.iterdir() if not p.name.startswith(".")]
+        zips = [p for p in entries if p.suffix.lower() == ".zip"]
+        if len(zips) == 1 and not any(
+            p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp") for p in entries
+        ):
+            return zips[0]
+    return path
+
+
 def check_training(params: dict, inputs: dict[str, Path]) -> None:
     from loraforge.train.image import load_data
 
-    config = image_train_config(params, str(inputs["images"]), "unused")
+    config = image_train_config(params, str(images_source(inputs["images"])), "unused")
     config.validate()
     load_data(config)  # DataError when the folder or zip holds no usable image
 
@@ -361,8 +378,10 @@ def run_training(params: dict, inputs: dict[str, Path], result: Path, scratch: P
     from loraforge.formats.cloneofsimo import save_lora_pti
     from loraforge.train.image import train_image
 
-    config = image_train_config(params, str(inputs["images"]), str(scratch / "train"))
-    out = train_image(config)
+    config = image_train_config(params, str(images_source(inputs["images"])), str(scratch / "train"))
+    started = time.perf_counter()
+    out = train_image(config)  # what `loraforge train-image` runs
+    train_call_s = time.perf_counter() - started
     task = out.task
     adapter = result / "adapter"
     lora = task.image_lora()
@@ -377,6 +396,7 @@ def run_training(params: dict, inputs: dict[str, Path], result: Path, scratch: P
     metrics, timings = _train_summary(out)
     metrics["final_lora_classes"] = held
     _write_json(result / "metrics.json", metrics)
+    timings["train_image_s"] = round(train_call_s, 3)
     timings["metrics_time_columns"] = timing_rows
     return metrics, timings
 
@@ -402,8 +422,6 @@ def check_inference(params: dict, inputs: dict[str, Path]) -> None:
 
 
 def run_inference(params: dict, inputs: dict[str, Path], result: Path, scratch: Path):
-    import time
-
     from loraforge.infer.image import generate_images
     from loraforge.runtime import load_image
 
@@ -493,8 +511,6 @@ def check_inference_text(params: dict, inputs: dict[str, Path]) -> None:
 
 
 def run_inference_text(params: dict, inputs: dict[str, Path], result: Path, scratch: Path):
-    import time
-
     from loraforge.infer.text import SamplingSettings, complete
     from loraforge.runtime import load_text
 
@@ -529,7 +545,8 @@ MODULES: dict[str, Module] = {
                     "images",
                     "input",
                     None,
-                    "training images: a folder, a .zip or a store CID (default: the packaged example style set)",
+                    "training images: a folder, a .zip, or a store CID of either (or of a folder holding one "
+                    ".zip, as Lilypad's); default: the packaged example style set",
                     aliases=("images_cid",),
                 ),
                 _SEED,
@@ -544,7 +561,7 @@ MODULES: dict[str, Module] = {
                     "steps",
                     "int",
                     None,
-                    "training steps (default: 1500; 2000 = 1000 + 1000 for SD 1.5)",
+                    "training steps (default: 1500; for SD 1.5 2000, lora_pti's 1000 inversion + 1000 tuning steps run as one joint phase)",
                     minimum=1,
                 ),
                 Param("rank", "int", None, "LoRA rank (default: 8; 1 for SD 1.5)", minimum=1),
@@ -658,18 +675,21 @@ def find_module(spec: str) -> Module:
 
 
 def describe_modules() -> str:
-    """What `loraforge run --list` prints."""
+    """What `loraforge run --list` prints: each module, then NAME TYPE DEFAULT HELP per parameter."""
     lines = []
     for m in MODULES.values():
         lines.append(f"{m.id}  {m.summary}")
         width = max(len(p.name) for p in m.params)
         for p in m.params:
             alias = f" (alias: {', '.join(p.aliases)})" if p.aliases else ""
-            lines.append(
-                f"    {p.name:<{width}}  {TYPES[p.type]:<12.40}  default {p.describe_default():<10}  {p.help}{alias}"
-            )
+            default = p.describe_default()
+            lines.append(f"    {p.name:<{width}}  {p.type:<6}  {default:<18}  {p.help}{alias}")
         lines.append("")
-    return "\n".join(lines).rstrip() + "\n"
+    lines.append("types: " + "; ".join(f"{k}: {v}" for k, v in TYPES.items()))
+    lines.append(
+        "default -: chosen by the module (see the help); loraforge show ID shows the values a job used"
+    )
+    return "\n".join(lines) + "\n"
 
 
 __all__ = [

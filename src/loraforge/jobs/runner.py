@@ -40,7 +40,7 @@ from pathlib import Path
 
 from loraforge.errors import ConfigError, NotFound, UserError
 from loraforge.jobs.cid import cid_of, is_cid, parse_cid
-from loraforge.jobs.modules import Module, find_module, resolve_params
+from loraforge.jobs.modules import Module, find_module, images_source, resolve_params
 from loraforge.jobs.store import Store
 
 RECORD_FORMAT = "loraforge-job/1"
@@ -129,9 +129,11 @@ def add_inputs(store: Store, module: Module, params: dict, paths: dict, cid_vers
         source = params[name] if index is None else params[name][index]["lora"]
         if is_cid(source) and not Path(source).exists():
             continue
-        if module.name == "lora_training" and name == "images" and path.is_dir():
+        if module.name == "lora_training" and name == "images" and images_source(path).is_dir():
             with tempfile.TemporaryDirectory(prefix="loraforge-stage-") as tmp:
                 cid = store.add(_stage_images(path, Path(tmp) / "images"), cid_version)
+        elif module.name == "lora_training" and name == "images":
+            cid = store.add(images_source(path), cid_version)  # a .zip, or the one .zip of a folder
         else:
             cid = store.add(path, cid_version)
         _set_source(params, name, index, cid)
