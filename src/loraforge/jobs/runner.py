@@ -199,6 +199,9 @@ def environment() -> dict:
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",
         "cuda": torch.version.cuda if cuda else None,
         "threads": torch.get_num_threads(),
+        "processes": int(
+            os.environ.get("WORLD_SIZE", "1")
+        ),  # > 1: a DDP launch (verify under the same launch)
         "deterministic": {
             "use_deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
             "warn_only": torch.is_deterministic_algorithms_warn_only_enabled(),
