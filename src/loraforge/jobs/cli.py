@@ -265,7 +265,8 @@ def verify_arguments(parser: argparse.ArgumentParser) -> None:
 def verify_run(args) -> int:
     from loraforge.jobs.runner import verify
 
-    v = verify(args.id, _store(args), quiet=True)
+    store = _store(args)
+    v = verify(args.id, store, quiet=True)
     if args.json:
         print(
             json.dumps(
@@ -279,6 +280,9 @@ def verify_run(args) -> int:
         print(f"MISMATCH: re-ran record {v.record}: expected {v.expected}, the new result {what}")
         if not v.intact:
             print(f"the stored result {v.expected} is missing or damaged (loraforge fsck)")
+        env = store.get_record(v.record).get("environment", {})
+        if env.get("processes", 1) > 1:
+            print(f"note: the job ran in {env['processes']} processes (DDP); verify re-ran it in one")
     return 0 if v.ok else 1
 
 
