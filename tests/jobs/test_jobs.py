@@ -196,6 +196,14 @@ def test_cli_errors_exit_2_and_write_nothing(store, capsys):
     assert main(["run", "lora_training", "{bogus: 1}"]) == 2
     err = capsys.readouterr().err
     assert "malformed parameters" in err and "accepted: images, seed" in err
+    params = store.root.parent / "params.yaml"
+    params.write_text("seed: 3\nstepz: 5\n")
+    assert main(["run", "lora_training", "--params-file", str(params)]) == 2
+    assert "no parameter 'stepz'" in capsys.readouterr().err
+    assert main(["run", "lora_training", "--set", "seed=x"]) == 2
+    assert "parameter seed: expected integer" in capsys.readouterr().err
+    assert main(["run", "lora_inference", "--param", "lora", "/nowhere", "--param", "prompt", "3"]) == 2
+    assert "/nowhere is neither an existing path nor a CID" in capsys.readouterr().err
     assert objects(store) == []
 
 
