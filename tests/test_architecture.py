@@ -17,7 +17,8 @@ PACKAGE = SRC / "loraforge"
 LAYERS = [
     ["loraforge.errors"],
     ["loraforge.config", "loraforge.layers", "loraforge.kernels", "loraforge.model", "loraforge.combine"],
-    # loraforge.jobs: content addressing (CIDs, CAR, the store); the job runner on top of it comes later.
+    # loraforge.jobs: content addressing (CIDs, CAR, the store) down here, so the runtime can resolve
+    # a CID; the job modules, runner and commands, which run train/infer, sit with eval and tools.
     [
         "loraforge.bases",
         "loraforge.flags",
@@ -28,7 +29,13 @@ LAYERS = [
     ],
     ["loraforge.runtime"],
     ["loraforge.train", "loraforge.infer"],
-    ["loraforge.eval", "loraforge.tools"],
+    [
+        "loraforge.eval",
+        "loraforge.tools",
+        "loraforge.jobs.modules",
+        "loraforge.jobs.runner",
+        "loraforge.jobs.cli",
+    ],
     ["loraforge.cli"],
 ]
 
@@ -110,9 +117,15 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def layer_of(module: str) -> int:
-    for i, names in enumerate(LAYERS):
-        if any(module == n or module.startswith(n + ".") for n in names):
-            return i
+    """The layer of the most specific name that covers `module` (loraforge.jobs.runner before loraforge.jobs)."""
+    matches = [
+        (len(n), i)
+        for i, names in enumerate(LAYERS)
+        for n in names
+        if module == n or module.startswith(n + ".")
+    ]
+    if matches:
+        return max(matches)[1]
     if module == "loraforge":
         return 1  # the package's __init__ re-exports the engine; the jobs it names load lazily
     raise AssertionError(f"{module} is in no layer: add it to LAYERS in {__file__}")

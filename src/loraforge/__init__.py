@@ -9,6 +9,7 @@ A Python call for every job (the command line is a thin layer over these)::
     from loraforge import TextTrainConfig, train_text, generate_text
     result = train_text(TextTrainConfig(max_steps=100, output_dir="runs/mine"))
     print(generate_text("Describe as JSON: Tom ran.", adapters=[result.adapter_dir], greedy=True))
+    job = run_job("lora_training", {"seed": 3})      # `loraforge run`: job.result is a CID in the store
 
 The jobs' modules load on first use, so ``import loraforge`` stays light.
 """
@@ -31,6 +32,8 @@ _API = {
     "generate_images": "loraforge.infer.image",
     "load_text": "loraforge.runtime",
     "load_image": "loraforge.runtime",
+    "run_job": "loraforge.jobs.runner",
+    "verify_job": "loraforge.jobs.runner",
 }
 
 __all__ = ["LoraConfig", "LoraModel", "UserError", "get_lora_model", *_API]

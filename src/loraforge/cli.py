@@ -9,6 +9,8 @@
     loraforge mix A:0.7 B:0.3 --method svd --out mixed/
     loraforge inspect out/adapter
     loraforge train-image / generate-image            # Stable Diffusion
+    loraforge run lora_training '{seed: 3}'           # a job: result and record in the store, by CID
+    loraforge show / ls / export / verify / fsck / gc # the store
 """
 
 from __future__ import annotations
@@ -30,6 +32,17 @@ COMMANDS = {
     "train-image": ("loraforge.train.image", None, "teach a Stable Diffusion pipeline a style or subject"),
     "generate-image": ("loraforge.infer.image", None, "generate images with one or more adapters"),
     "eval-style": ("loraforge.eval.style", None, "measure how far generated images moved toward a style"),
+    "run": (
+        "loraforge.jobs.cli",
+        "run",
+        "run a job module (lora_training, lora_inference, ...) into the store",
+    ),
+    "show": ("loraforge.jobs.cli", "show", "show the job record of a result or record CID"),
+    "ls": ("loraforge.jobs.cli", "ls", "list the job records in the store"),
+    "export": ("loraforge.jobs.cli", "export", "export a stored result to a directory or a CAR file"),
+    "verify": ("loraforge.jobs.cli", "verify", "re-run a job from its record and compare the CIDs"),
+    "fsck": ("loraforge.jobs.cli", "fsck", "check every stored object against its CID"),
+    "gc": ("loraforge.jobs.cli", "gc", "delete stored objects that no pin and no record keeps"),
 }
 
 

@@ -7,9 +7,10 @@
 
 What it decides, once for everything built on it:
 
-* **Adapter specs** are ``SOURCE[:WEIGHT]``: a directory or ``.safetensors`` file, weight 1 if left
-  out. Only a trailing ``:number`` is a weight, so paths with colons keep working. `AdapterSpec`
-  keeps the source as written, so other kinds of source (a store id) can be resolved here later.
+* **Adapter specs** are ``SOURCE[:WEIGHT]``: a directory or ``.safetensors`` file, or the CID of one
+  in the local job store (`loraforge.jobs.store`; a `loraforge run lora_training` result's CID names
+  its ``adapter/``), weight 1 if left out. Only a trailing ``:number`` is a weight, so paths with
+  colons keep working. `AdapterSpec` keeps the source as written; `locate_adapter` resolves it.
 * **Adapter names**: the k-th adapter given is ``adapter{k}``, for text and images alike.
 * **Which base**: the one named; else the one the first adapter records (PEFT's
   ``base_model_name_or_path``, an image adapter's ``adapter_info.json``), whatever it is (an embedded
@@ -84,11 +85,30 @@ def parse_adapter_specs(specs) -> list[AdapterSpec]:
 
 
 def locate_adapter(spec: AdapterSpec) -> Path:
-    """The local path of an adapter (a directory or a weights file); NotFound if there is none."""
+    """The local path of an adapter (a directory or a weights file); NotFound if there is none.
+
+    A source that is not a path but a CID the store holds is exported from the store (once; see
+    `Store.materialize`): a file as ``adapter.safetensors``, a directory as it is, and a job result
+    (a directory with an ``adapter/`` inside) as that ``adapter/``."""
     path = spec.path
-    if not path.exists():
-        raise NotFound(f"adapter not found: {spec.source} (not an adapter directory or file)")
-    return path
+    if path.is_dir() and (path / "adapter").is_dir() and (path / "job.json").is_file():
+        return path / "adapter"  # a job result directory
+    if path.exists():
+        return path
+    from loraforge.jobs.cid import is_cid
+
+    if is_cid(spec.source):
+        from loraforge.jobs.store import Store
+
+        store = Store()
+        try:
+            path = store.materialize(spec.source, name="adapter.safetensors")
+        except NotFound:
+            raise NotFound(
+                f"adapter not found: {spec.source} is not an adapter in the store {store.root}"
+            ) from None
+        return locate_adapter(AdapterSpec(str(path), spec.weight))
+    raise NotFound(f"adapter not found: {spec.source} (not an adapter directory or file)")
 
 
 def adapter_name(index: int) -> str:

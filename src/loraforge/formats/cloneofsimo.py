@@ -148,6 +148,41 @@ def save_cloneofsimo(
     return path
 
 
+# The classes under which lora_diffusion's lora_pti puts LoRA on every nn.Linear (its defaults).
+LORA_PTI_CLASSES = {"unet": ["CrossAttention", "Attention", "GEGLU"], "text_encoder": ["CLIPAttention"]}
+
+
+def save_lora_pti(
+    path: str | Path, lora: ImageLora, components: dict[str, nn.Module]
+) -> dict[str, list[str]]:
+    """Writes what of `lora` a lora_pti ``final_lora.safetensors`` can hold, so lora_diffusion's
+    ``patch_pipe`` (Lilypad's inference module) reads it: for each component, the layers under each of
+    lora_pti's classes (``Attention``, ``GEGLU``; ``CLIPAttention``) where every layer of that class is
+    adapted, plus the learned tokens. Adapted layers elsewhere (convolutions, ``proj_in``...) have no
+    place in such a file and are left out. Returns the classes written per component."""
+    kept = ImageLora(tokens=list(lora.tokens), embeddings=dict(lora.embeddings))
+    classes: dict[str, list[str]] = {}
+    for component, modules in lora.components.items():
+        if component not in LORA_PTI_CLASSES or component not in components:
+            continue
+        model = getattr(components[component], "model", components[component])
+        chosen, names = [], []
+        for cls in LORA_PTI_CLASSES[component]:
+            layers = [
+                canonical_name(component, model, n) for n, _ in _ordered_modules(model, {cls}, (nn.Linear,))
+            ]
+            if layers and all(n in modules and modules[n].down.dim() == 2 for n in layers):
+                chosen.append(cls)
+                names += layers
+        if chosen:
+            kept.components[component] = {n: modules[n] for n in names}
+            classes[component] = chosen
+    if kept.tokens and "text_encoder" not in kept.embeddings:
+        kept.tokens, kept.embeddings = [], {}
+    save_cloneofsimo(path, kept, components, classes)
+    return classes
+
+
 # -- detection and inspection ----------------------------------------------------------------------
 
 _KEY = re.compile(r"^[A-Za-z_]\w*:\d+:(up|down)$")

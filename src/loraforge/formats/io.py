@@ -36,7 +36,30 @@ def save_tensors(
 ) -> None:
     # safetensors wants contiguous tensors that share no storage; adapters are small, so copy.
     clean = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(clean, tmp, metadata=metadata))
+
+    def write(tmp: str) -> None:
+        save_file(clean, tmp, metadata=metadata)
+        sort_metadata(tmp)
+
+    atomic_write(path, write)
+
+
+def sort_metadata(path: str | Path) -> None:
+    """Rewrites a safetensors header with its ``__metadata__`` keys sorted. safetensors writes them in
+    hash-map order, which changes from process to process; sorted, the same tensors and metadata give
+    the same bytes (what content addressing needs). Same length, so the data is not moved."""
+    with open(path, "rb+") as f:
+        size = int.from_bytes(f.read(8), "little")
+        raw = f.read(size)
+        header = json.loads(raw)
+        if not isinstance(header.get("__metadata__"), dict):
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > size:  # not the writer's escaping: leave the file as it is
+            return
+        f.seek(8)
+        f.write(text + b" " * (size - len(text)))
 
 
 def save_json(data: dict, path: str | Path) -> None:

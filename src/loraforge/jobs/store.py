@@ -7,6 +7,8 @@ Layout under the root (default: $LORAFORGE_HOME/store, else $XDG_CACHE_HOME/lora
     dirs/<xy>/<cid>     a directory's dag-pb block (its entries' names and CIDs)
     records/<cid>       a job record: canonical JSON, named by its raw CIDv1
     pins/<cid>          empty files: roots kept by gc (add pins what it adds, as `ipfs add` does)
+    exports/<cid>       read-only copies of objects for code that needs a path (`materialize`): a
+                        cache, rebuilt from the objects when missing; gc drops those it frees
     tmp/                temporaries and work directories; never read as objects
     lock                the fcntl lock (see below)
 
@@ -64,7 +66,7 @@ def loraforge_home() -> Path:
 class Store:
     def __init__(self, root: str | Path | None = None):
         self.root = Path(root) if root is not None else loraforge_home() / "store"
-        for sub in ("files", "dirs", "records", "pins", "tmp"):
+        for sub in ("files", "dirs", "records", "pins", "exports", "tmp"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self._made_dirs: set[Path] = set()
 
@@ -267,6 +269,42 @@ class Store:
             shutil.rmtree(tmp, ignore_errors=True)
         return dest
 
+    def materialize(self, cid: str, name: str | None = None) -> Path:
+        """A local path holding the file or directory `cid`, for code that reads paths (an adapter, a
+        training set): ``exports/<cid>`` for a directory, ``exports/<cid>/<name or cid>`` for a file
+        (a file has no name of its own; give one when its suffix matters, e.g. ``images.zip``).
+        Exported once (checked against the CID), then reused; read-only."""
+        kind = self._kind(cid)
+        if kind not in ("dirs", "files"):
+            raise NotFound(f"{cid} is not a file or directory in the store {self.root}")
+        home = self.root / "exports" / cid
+        target = home if kind == "dirs" else home / (name or cid)
+        if target.exists():
+            return target
+        with self._locked():  # temporaries are safe from cleanup only while the lock is held
+            tmp = Path(tempfile.mkdtemp(prefix="export-", dir=self.root / "tmp"))
+            try:
+                if kind == "dirs":
+                    self._materialize(cid, tmp / "out")
+                else:
+                    (tmp / "out").mkdir()
+                    self._materialize(cid, tmp / "out" / target.name)
+                _read_only(tmp / "out")
+                if kind == "files" and home.is_dir():  # the same file under another name: add it beside
+                    with contextlib.suppress(FileExistsError):
+                        os.link(tmp / "out" / target.name, target)
+                    return target
+                try:
+                    os.rename(tmp / "out", home)
+                except OSError as e:  # another process exported it meanwhile: same content
+                    if not home.exists():
+                        raise UserError(f"cannot export {cid} to {home}: {e}") from e
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        if not target.exists():
+            return self.materialize(cid, name)
+        return target
+
     def _materialize(self, cid: str, path: Path) -> None:
         kind = self._kind(cid)
         if kind == "dirs":
@@ -399,6 +437,9 @@ class Store:
                 if path.name not in live:
                     os.unlink(path)
                     removed.append(path.name)
+            for entry in os.scandir(self.root / "exports"):
+                if entry.name not in live:
+                    _remove_tree(Path(entry.path))
         return sorted(removed)
 
 
@@ -428,6 +469,17 @@ def _removed_on_error(tmp: str):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _read_only(path: Path) -> None:
+    for directory, _, files in os.walk(path):
+        for name in files:
+            os.chmod(os.path.join(directory, name), 0o444)
+
+
+def _remove_tree(path: Path) -> None:
+    """Removes an export (whose files are read-only, in writable directories)."""
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _in_use(lock_path: Path) -> bool:
