@@ -3,7 +3,7 @@
 against PEFT + bitsandbytes with the same settings, side by side.
 
 The model is built from a config with random weights (hidden 2048, 16 layers, intermediate 5632,
-32 heads / 4 KV heads, vocab 32000: 1.1B parameters, TinyLlama's shape with 16 layers) and saved
+32 heads / 4 KV heads, vocab 32000: 0.84B parameters: TinyLlama-1.1B's shape with 16 of its 22 layers) and saved
 once as a bf16 checkpoint, so that every run loads it the way a user loads a base: through
 `from_pretrained`, quantized tensor by tensor for nf4 / int8 (`BitsAndBytesConfig`; 4-bit: double
 quantization, bf16 compute; both: unquantized layers (embeddings, norms, head) in bf16).

@@ -31,6 +31,7 @@ _API = {
     "generate_images": "loraforge.infer.image",
     "load_text": "loraforge.runtime",
     "load_image": "loraforge.runtime",
+    "create_loraplus_optimizer": "loraforge.optim",
 }
 
 __all__ = ["LoraConfig", "LoraModel", "UserError", "get_lora_model", *_API]

@@ -6,7 +6,7 @@ integers, so nothing may read it as a float matrix: this module is the one place
 layer apart (`is_quantized`) and turns one back into floats (`dequantize_weight`, `dequantized_linear`).
 LoRA layers wrap them like any linear layer; the adapter itself stays float32.
 
-bitsandbytes (>= 0.49) runs on CPU as well as CUDA. It is an optional dependency: ``pip install
+bitsandbytes (>= 0.50) runs on CPU as well as CUDA. It is an optional dependency: ``pip install
 loraforge[quant]``.
 """
 
@@ -28,7 +28,7 @@ def require_bitsandbytes():
         import bitsandbytes
     except ImportError:
         raise UserError(
-            "a quantized base needs bitsandbytes: pip install 'loraforge[quant]' (or bitsandbytes>=0.49)"
+            "a quantized base needs bitsandbytes: pip install 'loraforge[quant]' (or bitsandbytes>=0.50)"
         ) from None
     return bitsandbytes
 
