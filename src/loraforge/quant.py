@@ -78,7 +78,15 @@ def dequantize_weight(module: nn.Module, dtype: torch.dtype = torch.float32) -> 
         return module.weight.to(dtype)
     bnb = require_bitsandbytes()
     weight = module.weight
-    if kind == "4bit":
+    if kind == "4bit" and getattr(weight.quant_state, "packing_format_for_cpu", False):
+        # On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight for its inference kernel at the
+        # first eval-mode forward without autograd, and dequantize_4bit does not read that layout.
+        # The layer's own kernel does: its response to the identity matrix is W^T (plus the bias).
+        eye = torch.eye(module.in_features, device=weight.device, dtype=compute_dtype(module))
+        W = module(eye).T
+        if module.bias is not None:
+            W = W - module.bias.to(W.dtype)[:, None]
+    elif kind == "4bit":
         W = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
     else:
         scb = weight.SCB if getattr(weight, "SCB", None) is not None else module.state.SCB
