@@ -14,8 +14,12 @@ backward, optimizer step). loraforge loads through `loraforge.runtime.load_text_
 transformers' `from_pretrained` + `peft.get_peft_model` (without `prepare_model_for_kbit_training`,
 which would upcast every unquantized weight to fp32 and only add memory to PEFT's column).
 
-Each (base, library) runs in a fresh process, alternating libraries, so the peak memory (ru_maxrss:
-the whole process, Python and libraries included) of one cannot inflate another's.
+Each (base, library) runs in a fresh process, alternating libraries, so one cannot inflate another's
+memory. Peak memory is the process's resident set (Python, libraries, model, everything), sampled every
+10 ms from the end of loading to the last optimizer step: "peak RSS" (VmRSS) and its anonymous part
+("anon": RSS less file-backed pages such as a memory-mapped checkpoint, which the kernel can drop).
+The loading transient (VmHWM at the end of loading: while quantizing, the checkpoint's mapped pages
+are resident too) is reported separately.
 
     nice python benchmarks/bench_qlora.py                        # all 8 runs, ~25 min on 2 CPU cores
     python benchmarks/bench_qlora.py --bases nf4 --libs loraforge --layers 2 --warmup 0 --steps 1
@@ -26,9 +30,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -44,14 +48,42 @@ SHAPE = dict(
 )
 
 
-def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+def status_gb() -> dict[str, float]:
+    """VmRSS, RssAnon and VmHWM of this process, in GiB."""
+    out = {}
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "RssAnon", "VmHWM"):
+                out[key] = int(value.split()[0]) / 2**20
+    return out
 
 
-def rss_gb() -> float:
-    import psutil
+class Peak:
+    """Peak VmRSS and RssAnon, sampled by a background thread."""
 
-    return psutil.Process().memory_info().rss / 2**30
+    def __init__(self, interval=0.01):
+        self.interval, self.rss, self.anon = interval, 0.0, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self):
+        s = status_gb()
+        self.rss, self.anon = max(self.rss, s["VmRSS"]), max(self.anon, s["RssAnon"])
+
+    def _run(self):
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self):
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self._sample()
 
 
 def build_checkpoint(directory: Path, layers: int) -> None:
@@ -106,7 +138,7 @@ def run_one(lib: str, base: str, args) -> dict:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
     load_s = time.perf_counter() - started
-    loaded_rss = rss_gb()
+    loaded = status_gb()
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
@@ -116,22 +148,26 @@ def run_one(lib: str, base: str, args) -> dict:
         torch.randint(0, SHAPE["vocab_size"], (1, args.seq), generator=generator) for _ in range(steps)
     ]
     losses, t0 = [], None
-    for i, ids in enumerate(batches):
-        if i == args.warmup:
-            t0 = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
-    elapsed = time.perf_counter() - t0
+    with Peak() as peak:
+        for i, ids in enumerate(batches):
+            if i == args.warmup:
+                t0, cpu0 = time.perf_counter(), time.process_time()
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss))
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     return dict(
         lib=lib,
         base=base,
         tokens_per_s=args.steps * args.seq / elapsed,
         s_per_step=elapsed / args.steps,
-        peak_gb=peak_rss_gb(),
-        loaded_gb=loaded_rss,
+        peak_gb=peak.rss,
+        peak_anon_gb=peak.anon,
+        loaded_gb=loaded["VmRSS"],
+        load_hwm_gb=loaded["VmHWM"],
+        tokens_per_cpu_s=args.steps * args.seq / cpu,
         load_s=load_s,
         trainable=sum(p.numel() for p in params),
         losses=losses,
@@ -143,8 +179,9 @@ def table(results: list[dict]) -> str:
     bases = [b for b in BASES if any(k[0] == b for k in by)]
     fp32 = {lib: by[("fp32", lib)]["peak_gb"] for lib in LIBS if ("fp32", lib) in by}
     lines = [
-        "| base | loraforge peak GB | PEFT peak GB | loraforge tok/s | PEFT tok/s | loraforge peak / fp32 |",
-        "|---|---|---|---|---|---|",
+        "| base | peak RSS GB (lf / PEFT) | anon GB (lf / PEFT) | tokens/s (lf / PEFT) "
+        "| tokens per CPU-s (lf / PEFT) | lf peak / lf fp32 | loading peak GB (lf / PEFT) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for b in bases:
         lf, pf = by.get((b, "loraforge")), by.get((b, "peft"))
@@ -153,9 +190,13 @@ def table(results: list[dict]) -> str:
             return format(r[key], fmt) if r else "-"
 
         ratio = f"{lf['peak_gb'] / fp32['loraforge']:.2f}x" if lf and "loraforge" in fp32 else "-"
+
+        def pair(key, fmt, lf=lf, pf=pf):
+            return f"{cell(lf, key, fmt)} / {cell(pf, key, fmt)}"
+
         lines.append(
-            f"| {b} | {cell(lf, 'peak_gb', '.2f')} | {cell(pf, 'peak_gb', '.2f')} | "
-            f"{cell(lf, 'tokens_per_s', '.1f')} | {cell(pf, 'tokens_per_s', '.1f')} | {ratio} |"
+            f"| {b} | {pair('peak_gb', '.2f')} | {pair('peak_anon_gb', '.2f')} | {pair('tokens_per_s', '.2f')} "
+            f"| {pair('tokens_per_cpu_s', '.2f')} | {ratio} | {pair('load_hwm_gb', '.2f')} |"
         )
     return "\n".join(lines)
 
@@ -204,7 +245,8 @@ def main() -> int:
             r = json.loads(lines[-1][len("RESULT ") :])
             results.append(r)
             print(
-                f"{base:5s} {lib:9s} peak {r['peak_gb']:.2f} GB (after load {r['loaded_gb']:.2f}), "
+                f"{base:5s} {lib:9s} peak {r['peak_gb']:.2f} GB (anon {r['peak_anon_gb']:.2f}, after load "
+                f"{r['loaded_gb']:.2f}, loading peak {r['load_hwm_gb']:.2f}), "
                 f"{r['tokens_per_s']:.1f} tok/s, {r['s_per_step']:.1f} s/step, loss {r['losses']}",
                 flush=True,
             )

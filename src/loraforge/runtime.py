@@ -196,7 +196,22 @@ def load_text_model(
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
         raise NotFound(f"cannot load base model {base!r}: {_first_line(e)}") from e
+    if quant is not None:
+        release_checkpoint(model)
     return model, tokenizer
+
+
+def release_checkpoint(model) -> None:
+    """Gives the unquantized weights of a freshly quantized model their own memory. Loaded in the
+    checkpoint's dtype, they are views of its memory-mapped file, which keeps the whole mapping, and
+    every page of it read while quantizing (the full-precision weights), resident in the process."""
+    from loraforge.quant import is_quantized
+
+    quantized = {id(p) for m in model.modules() if is_quantized(m) for p in m.parameters(recurse=False)}
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if id(tensor) not in quantized and tensor.device.type == "cpu":
+                tensor.data = tensor.data.clone()
 
 
 @dataclass
