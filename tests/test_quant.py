@@ -126,7 +126,8 @@ def test_pissa_needs_full_precision_base(base_dir):
         )
 
 
-def test_mixed_batch_on_quantized_base(base_dir, ids):
+def test_mixed_batch_on_quantized_base(base_dir):
+    ids = torch.randint(0, 128, (2, 7))
     model = get_lora_model(load(base_dir, "nf4"), LoraConfig(r=4, target_modules="all-linear"))
     randomise(model)
     model.add_adapter("b", LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
