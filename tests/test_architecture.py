@@ -16,7 +16,15 @@ PACKAGE = SRC / "loraforge"
 # Lower layers never import higher ones. Same-layer imports are allowed (no cycles, checked below).
 LAYERS = [
     ["loraforge.errors"],
-    ["loraforge.config", "loraforge.layers", "loraforge.kernels", "loraforge.model", "loraforge.combine"],
+    [
+        "loraforge.config",
+        "loraforge.quant",
+        "loraforge.layers",
+        "loraforge.kernels",
+        "loraforge.model",
+        "loraforge.combine",
+        "loraforge.optim",
+    ],
     ["loraforge.bases", "loraforge.flags", "loraforge.formats", "loraforge.data", "loraforge.examples"],
     ["loraforge.runtime"],
     ["loraforge.train", "loraforge.infer"],

@@ -29,7 +29,7 @@ from torch import nn
 
 from loraforge.errors import UserError
 from loraforge.kernels import LinearWithLora
-from loraforge.quant import dequantize_weight, is_quantized
+from loraforge.quant import avoid_broken_cpu_repack, dequantize_weight, is_quantized
 
 
 def is_gpt2_conv1d(module: nn.Module) -> bool:
@@ -67,6 +67,8 @@ class LoraLayer(nn.Module):
         # DoRA adapters only: the magnitude of each output channel, (out,).
         self.lora_magnitude_vector = nn.ParameterDict()
         self.quantized = is_quantized(base_layer)
+        if self.quantized:
+            avoid_broken_cpu_repack(base_layer)
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}

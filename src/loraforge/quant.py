@@ -63,6 +63,14 @@ def is_quantized(module: nn.Module) -> bool:
     )
 
 
+def avoid_broken_cpu_repack(module: nn.Module) -> None:
+    """bitsandbytes (0.50) repacks a 4-bit weight for its AVX512-BF16 CPU inference kernel at the first
+    eval-mode forward without autograd, and fails there (an assertion) when the layer's output size is
+    not a multiple of 32 (e.g. tiny-llama's 688-wide MLP). Such layers keep the regular kernel."""
+    if quant_kind(module) == "4bit" and module.out_features % 32:
+        module.support_avx512bf16_for_cpu = False
+
+
 def quant_kind(module: nn.Module) -> str | None:
     """ "4bit", "8bit" or None."""
     if not is_quantized(module):

@@ -205,8 +205,10 @@ def release_checkpoint(model) -> None:
     """Gives the unquantized weights of a freshly quantized model their own memory. Loaded in the
     checkpoint's dtype, they are views of its memory-mapped file, which keeps the whole mapping, and
     every page of it read while quantizing (the full-precision weights), resident in the process."""
-    from loraforge.quant import is_quantized
+    from loraforge.quant import avoid_broken_cpu_repack, is_quantized
 
+    for m in model.modules():
+        avoid_broken_cpu_repack(m)
     quantized = {id(p) for m in model.modules() if is_quantized(m) for p in m.parameters(recurse=False)}
     with torch.no_grad():
         for tensor in [*model.parameters(), *model.buffers()]:
