@@ -65,9 +65,13 @@ def is_quantized(module: nn.Module) -> bool:
 
 def avoid_broken_cpu_repack(module: nn.Module) -> None:
     """bitsandbytes (0.50) repacks a 4-bit weight for its AVX512-BF16 CPU inference kernel at the first
-    eval-mode forward without autograd, and fails there (an assertion) when the layer's output size is
-    not a multiple of 32 (e.g. tiny-llama's 688-wide MLP). Such layers keep the regular kernel."""
-    if quant_kind(module) == "4bit" and module.out_features % 32:
+    eval-mode forward without autograd, and fails there when the layer's output size is not a multiple
+    of 32 or its input size not a multiple of the quantization block (e.g. tiny-llama's 688-wide MLP).
+    Such layers keep the regular kernel."""
+    if quant_kind(module) != "4bit":
+        return
+    blocksize = getattr(module.weight.quant_state, "blocksize", 64) or 64
+    if module.out_features % 32 or module.in_features % blocksize:
         module.support_avx512bf16_for_cpu = False
 
 
