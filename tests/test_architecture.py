@@ -16,7 +16,15 @@ PACKAGE = SRC / "loraforge"
 # Lower layers never import higher ones. Same-layer imports are allowed (no cycles, checked below).
 LAYERS = [
     ["loraforge.errors"],
-    ["loraforge.config", "loraforge.layers", "loraforge.kernels", "loraforge.model", "loraforge.combine"],
+    [
+        "loraforge.config",
+        "loraforge.quant",
+        "loraforge.layers",
+        "loraforge.kernels",
+        "loraforge.model",
+        "loraforge.combine",
+        "loraforge.optim",
+    ],
     # loraforge.jobs: content addressing (CIDs, CAR, the store) down here, so the runtime can resolve
     # a CID; the job modules, runner and commands, which run train/infer, sit with eval and tools.
     [

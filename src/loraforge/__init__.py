@@ -34,6 +34,7 @@ _API = {
     "load_image": "loraforge.runtime",
     "run_job": "loraforge.jobs.runner",
     "verify_job": "loraforge.jobs.runner",
+    "create_loraplus_optimizer": "loraforge.optim",
 }
 
 __all__ = ["LoraConfig", "LoraModel", "UserError", "get_lora_model", *_API]

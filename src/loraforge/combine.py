@@ -53,6 +53,13 @@ def add_weighted_adapter(
     ]
     if any(m.merged for _, m in layers):
         raise RuntimeError("unmerge adapters before combining them")
+    dora = [a for a in adapters if model.peft_config[a].use_dora]
+    if dora:
+        raise UserError(
+            f"add_weighted_adapter is not defined for DoRA adapters ({', '.join(dora)}): a DoRA layer rescales "
+            "each output channel of W + ΔW by its own magnitude, so a weighted mix of DoRA adapters is not "
+            "another DoRA adapter (nor a LoRA one). Merge them into the base instead"
+        )
     if combination_type == "linear":
         ranks = {m.r[a] for _, m in layers for a in adapters if a in m.lora_A}
         if len(ranks) > 1:

@@ -46,6 +46,9 @@ class LoraConfig:
             ``"gaussian"``: A normal(0, 1/r), B zero. ``"pissa"``: A and B from the top-r singular
             vectors of W, which keeps the rest as the frozen residual. False: A and B both random
             (tests only). Default True.
+        use_dora: Weight-decomposed LoRA (DoRA): a trained magnitude per output channel times the
+            direction of W + ΔW, as PEFT implements it (saved as ``lora_magnitude_vector``). Linear and
+            convolution layers. Default False.
         fan_in_fan_out: The base weight is stored (in, out), as GPT-2's Conv1D does. Set
             automatically for Conv1D. Default False.
         base_model_name_or_path: Recorded in the file so a user knows which base the adapter is for.
@@ -66,6 +69,7 @@ class LoraConfig:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     use_rslora: bool = False
     init_lora_weights: bool | str = True
+    use_dora: bool = False
     fan_in_fan_out: bool = False
     base_model_name_or_path: str | None = None
     task_type: str | None = None
@@ -128,6 +132,8 @@ class LoraConfig:
             fail("init_lora_weights", f"must be one of {INIT_CHOICES}")
         if not isinstance(self.use_rslora, bool):
             fail("use_rslora", "must be true or false")
+        if not isinstance(self.use_dora, bool):
+            fail("use_dora", "must be true or false")
 
     # -- per-module values -------------------------------------------------------------------------
 
@@ -142,7 +148,7 @@ class LoraConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         # PEFT reads these extra keys; writing them keeps its loader on the plain LoRA path.
-        d.update(peft_type="LORA", use_dora=False, revision=None)
+        d.update(peft_type="LORA", revision=None)
         return d
 
     @classmethod
@@ -151,8 +157,8 @@ class LoraConfig:
         peft_type = d.pop("peft_type", "LORA")
         if peft_type != "LORA":
             raise UserError(f"adapter config is of type {peft_type!r}; loraforge reads LoRA adapters only")
-        if d.get("use_dora"):
-            raise UserError("adapter uses DoRA (use_dora=true), which loraforge does not support")
+        if d.get("use_dora") is None:
+            d.pop("use_dora", None)
         known = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in known}
         for key in ("rank_pattern", "alpha_pattern"):

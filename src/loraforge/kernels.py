@@ -11,8 +11,8 @@ Autograd's generic backward is correct but, for a frozen layer plus a rank-r ada
 product in the fast orientation and gradients accumulated in place. `GatedMLPWithLora` runs a whole
 gated MLP whose three projections carry adapters, keeping only ``gate`` and ``up`` and recomputing
 the rest (elementwise) in the backward pass: half the MLP's activation memory, and no slower. Both
-are used only while autograd is recording, for layers where they give exactly the generic path's
-result (see `LoraLinear.fused_args`, `fused_gated_mlp` and `LoraModel._training_kernels`).
+are used only while autograd is recording, for plain float `nn.Linear` bases (not quantized ones, not
+DoRA adapters) where they give exactly the generic path's result (see `LoraLinear.fused_args`, `fused_gated_mlp` and `LoraModel._training_kernels`).
 """
 
 from __future__ import annotations
@@ -122,6 +122,9 @@ def gated_mlps(model: nn.Module) -> list[nn.Module]:
         act = children.get("act_fn")
         if (
             all(hasattr(p, "fused_args") for p in projections)
+            # Plain float layers only: a quantized base (bitsandbytes) keeps packed integers in `weight`,
+            # which these kernels would multiply as if they were the matrix.
+            and all(type(p.base_layer) is nn.Linear for p in projections)
             and type(act).__name__ in ("SiLU", "SiLUActivation")
             and _computes_gated_mlp(module)
         ):

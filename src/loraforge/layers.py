@@ -6,6 +6,14 @@ plain parameters, ``lora_A[name]`` of shape (r, in, *kernel) and ``lora_B[name]`
 (out, r, *ones), so every layer kind shares the same adapter algebra: the update in "adapter space" is
 always ``B.flatten(1) @ A.flatten(1)``.
 
+DoRA (``use_dora``) splits the adapted weight into a magnitude per output channel and a direction, as
+PEFT does: ``W' = m * (W + ΔW) / ||W + ΔW||`` row-wise (the norm treated as a constant in the backward
+pass), so the adapter adds ``(m/||W + ΔW|| - 1) * W x + m/||W + ΔW|| * ΔW x`` to the base output.
+
+A quantized base layer (bitsandbytes' `Linear4bit` / `Linear8bitLt`, see `loraforge.quant`) is wrapped
+like a linear layer; wherever its weight is read as a matrix (DoRA's norm, PiSSA) it is dequantized,
+and merging into it in place is refused (`LoraModel.merge_and_unload` writes dequantized layers).
+
 Mixed batches (a different adapter per row, as in S-LoRA / Punica) gather each row's A and B from
 stacked, zero-padded weights and run two batched matmuls, so adapters of different ranks share one
 pass and the cost does not grow with the number of adapters in the batch.
@@ -21,6 +29,7 @@ from torch import nn
 
 from loraforge.errors import UserError
 from loraforge.kernels import LinearWithLora
+from loraforge.quant import avoid_broken_cpu_repack, dequantize_weight, is_quantized
 
 
 def is_gpt2_conv1d(module: nn.Module) -> bool:
@@ -30,6 +39,11 @@ def is_gpt2_conv1d(module: nn.Module) -> bool:
         and hasattr(module, "nf")
         and getattr(module, "weight", None) is not None
     )
+
+
+def float_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype adapter tensors get beside this base weight: float32 unless the base is float64."""
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32
 
 
 def supported(module: nn.Module) -> bool:
@@ -50,11 +64,17 @@ class LoraLayer(nn.Module):
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.lora_dropout = nn.ModuleDict()
+        # DoRA adapters only: the magnitude of each output channel, (out,).
+        self.lora_magnitude_vector = nn.ParameterDict()
+        self.quantized = is_quantized(base_layer)
+        if self.quantized:
+            avoid_broken_cpu_repack(base_layer)
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self.active: list[tuple[str, float]] = []  # (adapter, user weight) applied in forward
         self.merged: dict[str, float] = {}  # adapter -> weight it was merged with
+        self._dora_factors: dict[str, torch.Tensor] = {}  # merged DoRA adapter -> m / ||W + ΔW||
         self.disabled = False
         # Set by LoraModel for the duration of a mixed-batch forward.
         self.batch_slots: list[str | None] | None = None
@@ -74,16 +94,30 @@ class LoraLayer(nn.Module):
 
     # -- adapters ----------------------------------------------------------------------------------
 
-    def add_adapter(self, name: str, r: int, lora_alpha: float, lora_dropout: float, init, use_rslora: bool):
+    def add_adapter(
+        self,
+        name: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float,
+        init,
+        use_rslora: bool,
+        use_dora: bool = False,
+    ):
         weight = self.base_weight()
-        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
-        factory = dict(device=weight.device, dtype=dtype)
+        factory = dict(device=weight.device, dtype=float_dtype(weight))
+        if use_dora and not self.dora_supported:
+            raise UserError(
+                f"DoRA (use_dora=True) is not supported on {type(self.base_layer).__name__} layers"
+            )
         self.lora_A[name] = nn.Parameter(torch.empty(self.a_shape(r), **factory))
         self.lora_B[name] = nn.Parameter(torch.empty(self.b_shape(r), **factory))
         self.r[name] = r
         self.lora_alpha[name] = lora_alpha
         self.scaling[name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
         self.lora_dropout[name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        if use_dora:
+            self.lora_magnitude_vector[name] = nn.Parameter(torch.empty(self.out_features, **factory))
         self._stack_cache = None
         if weight.device.type != "meta":
             self.reset_adapter(name, init)
@@ -93,16 +127,18 @@ class LoraLayer(nn.Module):
         A, B = self.lora_A[name], self.lora_B[name]
         if init == "pissa":
             self._pissa_init(name)
-            return
-        if init == "gaussian":
+        elif init == "gaussian":
             nn.init.normal_(A, std=1 / self.r[name])
         else:
             # The same initialisation nn.Linear uses for its weight, as in the LoRA paper's code.
             nn.init.kaiming_uniform_(A.view(A.shape[0], -1), a=math.sqrt(5))
         if init is False:
             nn.init.kaiming_uniform_(B.view(B.shape[0], -1), a=math.sqrt(5))
-        else:
+        elif init != "pissa":
             nn.init.zeros_(B)
+        if name in self.lora_magnitude_vector:
+            # DoRA starts at the adapted weight's own row norms: the layer's output is unchanged.
+            self.lora_magnitude_vector[name].copy_(self.weight_norm(name))
 
     def _pissa_init(self, name: str):
         raise UserError(
@@ -114,6 +150,8 @@ class LoraLayer(nn.Module):
             raise RuntimeError(f"adapter {name!r} is merged; unmerge it before deleting")
         for store in (self.lora_A, self.lora_B, self.lora_dropout):
             del store[name]
+        if name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[name]
         for store in (self.r, self.lora_alpha, self.scaling):
             del store[name]
         self.active = [(n, w) for n, w in self.active if n != name]
@@ -124,7 +162,38 @@ class LoraLayer(nn.Module):
         return list(self.lora_A.keys())
 
     def base_weight(self) -> torch.Tensor:
+        """The base layer's weight tensor as stored (packed integers for a quantized layer)."""
         return self.base_layer.weight
+
+    def weight_matrix(self) -> torch.Tensor:
+        """The base weight in adapter space, (out, in * prod(kernel)), as floats (dequantized for a
+        quantized layer). The tensor itself for a float32 layer that is not transposed: do not modify."""
+        if self.quantized:
+            return dequantize_weight(self.base_layer, torch.float32)
+        return self._from_base_weight(self.base_weight())
+
+    def _from_base_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """Inverse of `_to_base_weight`: a weight-shaped tensor in adapter space."""
+        return weight.reshape(self.out_features, -1)
+
+    # -- DoRA --------------------------------------------------------------------------------------
+
+    dora_supported = True
+
+    def is_dora(self, name: str) -> bool:
+        return name in self.lora_magnitude_vector
+
+    @torch.no_grad()
+    def weight_norm(self, name: str, W0: torch.Tensor | None = None) -> torch.Tensor:
+        """||W + ΔW|| per output channel, (out,), W the unmerged base weight (default: the current one,
+        right while nothing is merged). No gradient flows through it (DoRA paper, section 4.3)."""
+        W = self.unmerged_matrix() if W0 is None else W0
+        A = self.lora_A[name]
+        return torch.linalg.norm(W.to(A.dtype) + self.delta(name), dim=1)
+
+    def dora_factor(self, name: str, W0: torch.Tensor | None = None) -> torch.Tensor:
+        """m / ||W + ΔW||, (out,): what DoRA multiplies the adapted weight's rows by."""
+        return self.lora_magnitude_vector[name] / self.weight_norm(name, W0)
 
     # -- merging -----------------------------------------------------------------------------------
 
@@ -140,21 +209,66 @@ class LoraLayer(nn.Module):
     def _to_base_weight(self, delta: torch.Tensor) -> torch.Tensor:
         return delta.reshape(self.base_weight().shape)
 
+    def _check_mergeable(self):
+        if self.quantized:
+            raise UserError(
+                f"cannot merge into a quantized {type(self.base_layer).__name__} in place: the sum would be "
+                "re-quantized and the update mostly lost. Use merge_and_unload(), which writes dequantized "
+                "full-precision layers, or load the adapter on the full-precision base"
+            )
+
     @torch.no_grad()
     def merge(self, adapters: list[tuple[str, float]]):
+        """Adds the adapters' updates into the base weight. A DoRA adapter at weight w adds
+        ``w * (f * (W + ΔW) - W)`` with ``f = m / ||W + ΔW||`` row-wise, W the unmerged weight."""
+        todo = [(n, w) for n, w in adapters if n in self.lora_A and n not in self.merged]
+        if not todo:
+            return
+        self._check_mergeable()
         weight = self.base_weight()
-        for name, w in adapters:
-            if name in self.lora_A and name not in self.merged:
+        for name, w in todo:
+            if self.is_dora(name):
+                W0 = self.unmerged_matrix()
+                f = self.dora_factor(name, W0)
+                update = ((f - 1)[:, None] * W0 + f[:, None] * self.delta(name)) * w
+                weight += self._to_base_weight(update).to(weight.dtype)
+                self._dora_factors[name] = f
+            else:
                 weight += self.delta_weight(name, w).to(weight.dtype)
-                self.merged[name] = w
+            self.merged[name] = w
 
     @torch.no_grad()
     def unmerge(self):
+        if not self.merged:
+            return
         weight = self.base_weight()
-        # Reverse order, and the very delta that was added, so merge/unmerge cycles do not drift.
-        for name, w in reversed(list(self.merged.items())):
-            weight -= self.delta_weight(name, w).to(weight.dtype)
+        if self._dora_factors:
+            weight.copy_(self._to_base_weight(self.unmerged_matrix()).to(weight.dtype))
+        else:
+            # Reverse order, and the very delta that was added, so merge/unmerge cycles do not drift.
+            for name, w in reversed(list(self.merged.items())):
+                weight -= self.delta_weight(name, w).to(weight.dtype)
         self.merged.clear()
+        self._dora_factors.clear()
+
+    def unmerged_matrix(self) -> torch.Tensor:
+        """The base weight without the merged adapters, in adapter space. The merged weight is linear in
+        it, ``W' = W * (1 + sum_dora w (f - 1)) + sum w ΔW'`` (ΔW' = f ΔW for DoRA) row-wise, so it is
+        solved for exactly rather than replaying the merges."""
+        current = self.weight_matrix()
+        current = current.to(float_dtype(current))
+        if not self.merged:
+            return current
+        gain = torch.ones(self.out_features, device=current.device, dtype=current.dtype)
+        added = torch.zeros_like(current)
+        for name, w in self.merged.items():
+            delta = self.delta(name).to(current.dtype) * w
+            if name in self._dora_factors:
+                f = self._dora_factors[name].to(current.dtype)
+                gain += w * (f - 1)
+                delta = f[:, None] * delta
+            added += delta
+        return (current - added) / gain[:, None]
 
     # -- forward -----------------------------------------------------------------------------------
 
@@ -164,10 +278,48 @@ class LoraLayer(nn.Module):
             return result
         if self.batch_index is not None:
             return self._add_mixed(x, result)
+        base = result
+        if len(self.active) > 1 and self.lora_magnitude_vector:
+            base = result.clone()  # DoRA reads the base output; other adapters may add into result in place
         for name, weight in self.active:
-            if name not in self.merged:
+            if name in self.merged:
+                continue
+            if self.is_dora(name):
+                result = self._dora_forward(x, name, weight, result, base)
+            else:
                 result = self._lora_forward(x, name, self.scaling[name] * weight, result)
         return result
+
+    def _dora_forward(self, x, name, weight, result, base):
+        """`result` plus DoRA adapter `name`'s part at user weight `weight` (which scales the whole part:
+        0 gives the base model): ``(f - 1) * W x + f * scale * B A x`` with f = m / ||W + ΔW||."""
+        A = self.lora_A[name]
+        f = self.dora_factor(name)
+        if self.channels_first:
+            f = f.view(1, -1, *([1] * (x.dim() - 2)))
+        dropout = self.lora_dropout[name]
+        h = x if x.dtype == A.dtype else x.to(A.dtype)
+        if type(dropout) is nn.Identity or not self.training:
+            plain = self._without_bias(base).to(A.dtype)
+        else:
+            h = dropout(h)
+            plain = self._base_no_bias(h)  # as PEFT: W x on the dropped-out input
+        lora = self._lora_forward(h, name, self.scaling[name], 0, dropout=False)
+        part = (f - 1) * plain + f * lora
+        if weight != 1:
+            part = part * weight
+        return result + part.to(result.dtype)
+
+    channels_first = False  # whether outputs are (batch, channels, ...) (convolutions)
+
+    def _without_bias(self, out: torch.Tensor) -> torch.Tensor:
+        bias = getattr(self.base_layer, "bias", None)
+        if bias is None:
+            return out
+        return out - (bias.view(-1, *([1] * (out.dim() - 2))) if self.channels_first else bias)
+
+    def _base_no_bias(self, h: torch.Tensor) -> torch.Tensor:  # pragma: no cover - per layer kind
+        raise NotImplementedError
 
     def _lora_forward(self, x, name, scale, result):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -179,6 +331,9 @@ class LoraLayer(nn.Module):
         while no gradient is being recorded and no weight has changed.
         """
         slots = self.batch_slots
+        for n in slots:
+            if n is not None and self.is_dora(n):
+                raise UserError(dora_mixed_error(n))
         cache = self._stack_cache
         # Checked on every forward of every layer, so it avoids the ParameterDict lookups: the cached
         # Parameter objects (replaced only by add/delete_adapter, which drop the cache) must still have
@@ -188,7 +343,11 @@ class LoraLayer(nn.Module):
                 return cache[2]
         params = [p for n in slots if n in self.lora_A for p in (self.lora_A[n], self.lora_B[n])]
         r_max = max([self.r[n] for n in slots if n in self.lora_A], default=1)
-        ref = self.lora_A[next(n for n in slots if n in self.lora_A)] if params else self.base_weight()
+        if params:
+            ref = self.lora_A[next(n for n in slots if n in self.lora_A)]
+        else:
+            weight = self.base_weight()
+            ref = weight.new_empty((), dtype=float_dtype(weight))
         A = ref.new_zeros((len(slots), *self.a_shape(r_max)))
         B = ref.new_zeros((len(slots), *self.b_shape(r_max)))
         As, Bs = [], []
@@ -221,11 +380,20 @@ class LoraLayer(nn.Module):
             rows = (self.batch_index == slot).nonzero().flatten()
             if name not in self.lora_A or rows.numel() == 0:
                 continue
+            if self.is_dora(name):
+                raise UserError(dora_mixed_error(name))
             part = self._lora_forward(x[rows], name, self.scaling[name], 0)
             if out is None:
                 out = x.new_zeros((x.shape[0], *part.shape[1:]), dtype=part.dtype)
             out = out.index_add(0, rows, part)
         return out if out is not None else torch.zeros((), dtype=x.dtype, device=x.device)
+
+
+def dora_mixed_error(name: str) -> str:
+    return (
+        f"adapter {name!r} is a DoRA adapter, which mixed-batch inference does not support (its update is "
+        "not a low-rank product that can be gathered per row); run it on its own batches or merge it"
+    )
 
 
 def _may_add_in_place(result: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -247,6 +415,12 @@ class LoraLinear(LoraLayer):
 
     def _to_base_weight(self, delta):
         return delta.T if self.fan_in_fan_out else delta
+
+    def _from_base_weight(self, weight):
+        return weight.T if self.fan_in_fan_out else weight
+
+    def _base_no_bias(self, h):
+        return F.linear(h, self.weight_matrix().to(h.dtype))
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         fused = None if args or kwargs else self.fused_args(x, dropout_ok=True)
@@ -272,6 +446,7 @@ class LoraLinear(LoraLayer):
         if (
             type(base) is not nn.Linear
             or name in self.merged
+            or self.is_dora(name)
             or base.weight.requires_grad
             or (base.bias is not None and base.bias.requires_grad)
             or base._forward_hooks
@@ -284,18 +459,17 @@ class LoraLinear(LoraLayer):
             return None
         return base.weight, base.bias, self.lora_A[name], self.lora_B[name], self.scaling[name] * weight
 
-    def _lora_forward(self, x, name, scale, result):
+    def _lora_forward(self, x, name, scale, result, dropout=True):
         A, B = self.lora_A[name], self.lora_B[name]
-        dropout = self.lora_dropout[name]
         h = x if x.dtype == A.dtype else x.to(A.dtype)
-        if type(dropout) is not nn.Identity:  # p = 0 is the common case: skip a module call per layer
-            h = dropout(h)
+        if dropout and type(self.lora_dropout[name]) is not nn.Identity:  # p = 0: skip a module call
+            h = self.lora_dropout[name](h)
         if isinstance(result, torch.Tensor) and result.dtype == A.dtype:
             # One fused multiply-add of the rank-r product into the base output (no extra kernels for
             # scaling and addition, no copy of x). Without autograd it adds in place: the base output
             # is a fresh tensor, and copying it would cost as much as the rank-r product itself.
             xa = h.reshape(-1, self.in_features) @ A.T
-            if _may_add_in_place(result, A.dtype):
+            if _may_add_in_place(result, A.dtype) and not self.quantized:  # bitsandbytes may reuse outputs
                 result.view(-1, self.out_features).addmm_(xa, B.T, alpha=scale)
                 return result
             flat = result.reshape(-1, self.out_features)
@@ -310,7 +484,7 @@ class LoraLinear(LoraLayer):
         h = x.to(A.dtype).reshape(x.shape[0], -1, self.in_features)
         # Dropout is a training-time regulariser; mixed batches are for serving, so it is not applied.
         xa, Bt = torch.bmm(h, A[idx].transpose(1, 2)), B[idx].transpose(1, 2)
-        if _may_add_in_place(result, A.dtype):
+        if _may_add_in_place(result, A.dtype) and not self.quantized:
             result.view(x.shape[0], -1, self.out_features).baddbmm_(xa, Bt)
             return result
         return result + torch.bmm(xa, Bt).view(result.shape).to(result.dtype)
@@ -318,8 +492,14 @@ class LoraLinear(LoraLayer):
     def _pissa_init(self, name):
         # PiSSA: the adapter starts as the top-r singular directions of W, and W keeps the residual,
         # so the model's output is unchanged at step 0 but training moves the principal components.
+        if self.quantized:
+            raise UserError(
+                "init_lora_weights='pissa' needs the full-precision base: it moves the top singular directions "
+                "out of W, which a quantized weight cannot take back without re-quantizing. Initialise on the "
+                "full-precision base, then quantize the residual model"
+            )
         weight = self.base_weight()
-        W = self._to_base_weight(weight.float())  # (out, in)
+        W = self._from_base_weight(weight.float())  # (out, in)
         U, S, Vh = torch.linalg.svd(W, full_matrices=False)
         r, s = self.r[name], self.scaling[name]
         root = S[:r].sqrt()
@@ -339,14 +519,27 @@ class LoraConv(LoraLayer):
         self.kernel_size = tuple(base_layer.kernel_size)
         self._conv = F.conv2d if isinstance(base_layer, nn.Conv2d) else F.conv1d
 
-    def _lora_forward(self, x, name, scale, result):
+    channels_first = True
+
+    def _padded(self, x):
+        conv = self.base_layer
+        if conv.padding_mode != "zeros":
+            return F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode), 0
+        return x, conv.padding
+
+    def _base_no_bias(self, h):
+        conv = self.base_layer
+        h, padding = self._padded(h)
+        return self._conv(h, self.base_weight().to(h.dtype), None, conv.stride, padding, conv.dilation)
+
+    def _lora_forward(self, x, name, scale, result, dropout=True):
         A, B = self.lora_A[name], self.lora_B[name]
         conv = self.base_layer
-        padding = conv.padding
-        if conv.padding_mode != "zeros":
-            x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
-            padding = 0
-        h = self._conv(self.lora_dropout[name](x.to(A.dtype)), A, None, conv.stride, padding, conv.dilation)
+        x, padding = self._padded(x)
+        h = x.to(A.dtype)
+        if dropout:
+            h = self.lora_dropout[name](h)
+        h = self._conv(h, A, None, conv.stride, padding, conv.dilation)
         out = self._conv(h, B) * scale
         return result + (out.to(result.dtype) if isinstance(result, torch.Tensor) else out)
 
@@ -358,14 +551,19 @@ class LoraEmbedding(LoraLayer):
         super().__init__(base_layer)
         self.in_features, self.out_features = base_layer.num_embeddings, base_layer.embedding_dim
 
+    dora_supported = False
+
     def _to_base_weight(self, delta):
         return delta.T
+
+    def _from_base_weight(self, weight):
+        return weight.T
 
     def _lookup(self, ids, A_T):
         e = self.base_layer
         return F.embedding(ids, A_T, e.padding_idx, e.max_norm, e.norm_type, e.scale_grad_by_freq, e.sparse)
 
-    def _lora_forward(self, x, name, scale, result):
+    def _lora_forward(self, x, name, scale, result, dropout=True):
         # No dropout on token ids; PEFT does the same for embeddings.
         A, B = self.lora_A[name], self.lora_B[name]
         out = self._lookup(x, A.T) @ B.T * scale

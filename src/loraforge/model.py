@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -20,7 +21,16 @@ from torch import nn
 from loraforge.config import LoraConfig, name_matches
 from loraforge.errors import IncompatibleAdapter, UserError
 from loraforge.kernels import checkpointing, fused_gated_mlp, gated_mlps, patched_forwards
-from loraforge.layers import LoraEmbedding, LoraLayer, TrainableCopy, is_gpt2_conv1d, supported, wrap
+from loraforge.layers import (
+    LoraEmbedding,
+    LoraLayer,
+    TrainableCopy,
+    dora_mixed_error,
+    is_gpt2_conv1d,
+    supported,
+    wrap,
+)
+from loraforge.quant import dequantize_model, dequantized_linear, model_quantization
 
 BASE_ROW = "__base__"  # adapter name meaning "no adapter" for a row of a mixed batch
 
@@ -85,6 +95,8 @@ class LoraModel(nn.Module):
         for name in adapter_names:
             if name != BASE_ROW:
                 self._check_exists(name)
+                if self.peft_config[name].use_dora:
+                    raise UserError(dora_mixed_error(name))
         if any(layer.merged for layer in self.lora_layers()):
             raise RuntimeError("mixed-batch inference needs unmerged adapters; call unmerge_adapter() first")
         slots = sorted(set(adapter_names), key=adapter_names.index)
@@ -201,6 +213,7 @@ class LoraModel(nn.Module):
                 lora_dropout=config.lora_dropout,
                 init=config.init_lora_weights,
                 use_rslora=config.use_rslora,
+                use_dora=config.use_dora,
             )
         for name in save_names:
             module = self._module(name)
@@ -285,8 +298,9 @@ class LoraModel(nn.Module):
 
         Args:
             lora_weights: module path (as `base_modules` names it) -> (A, B), for exactly the modules
-                `config` selects. A linear layer and a 1x1 convolution hold the same matrix, so either
-                shape is accepted for both.
+                `config` selects; (A, B, magnitude) for a DoRA adapter (``config.use_dora``), the
+                magnitude of any shape holding one value per output channel. A linear layer and a 1x1
+                convolution hold the same matrix, so either shape is accepted for both.
             other_tensors: the adapter's other trained tensors, by path: biases (see `trained_biases`),
                 modules_to_save (``<module>.<parameter>``, copied into this adapter's copy) and full
                 embedding matrices (``<embedding>.weight``), which are base weights shared by all adapters.
@@ -325,8 +339,27 @@ class LoraModel(nn.Module):
             layer = current if isinstance(current, LoraLayer) else wrap(modules[name])
             r = config.rank_for(name)
             a_key, b_key = _lora_keys(name, layer)
-            A, B = lora_weights[name]
-            lora[name] = (_fit(A, layer.a_shape(r), where, a_key), _fit(B, layer.b_shape(r), where, b_key))
+            A, B, *magnitude = lora_weights[name]
+            if bool(magnitude) != config.use_dora:
+                raise IncompatibleAdapter(
+                    f"{where}: {name} has {'a' if magnitude else 'no'} DoRA magnitude vector "
+                    f"(lora_magnitude_vector) but its config says use_dora={config.use_dora}"
+                )
+            if config.use_dora and not layer.dora_supported:
+                raise IncompatibleAdapter(
+                    f"{where}: {name} is a {type(modules[name]).__name__}; loraforge supports DoRA on linear "
+                    "and convolution layers only"
+                )
+            fitted = [_fit(A, layer.a_shape(r), where, a_key), _fit(B, layer.b_shape(r), where, b_key)]
+            if magnitude:
+                m = magnitude[0]
+                if m.numel() != layer.out_features:
+                    raise IncompatibleAdapter(
+                        f"{where} does not fit this model: {name}.lora_magnitude_vector has shape "
+                        f"{tuple(m.shape)} but the layer has {layer.out_features} output channels"
+                    )
+                fitted.append(m.reshape(-1))
+            lora[name] = tuple(fitted)
         slots = self._tensor_slots(config, targets)
         others = {}
         for file_key, tensor in (other_tensors or {}).items():
@@ -348,10 +381,12 @@ class LoraModel(nn.Module):
         self.add_adapter(adapter_name, config)
         try:
             with torch.no_grad():
-                for name, (A, B) in lora.items():
+                for name, (A, B, *magnitude) in lora.items():
                     layer = self._module(name)
                     layer.lora_A[adapter_name].copy_(A)
                     layer.lora_B[adapter_name].copy_(B)
+                    if magnitude:
+                        layer.lora_magnitude_vector[adapter_name].copy_(magnitude[0])
                 for key, tensor in others.items():
                     kind, target, _ = slots[key]
                     if kind == "base":
@@ -429,7 +464,7 @@ class LoraModel(nn.Module):
     def _mark_trainable(self):
         active = set(self.active_adapters)
         for layer in self.lora_layers():
-            for store in (layer.lora_A, layer.lora_B):
+            for store in (layer.lora_A, layer.lora_B, layer.lora_magnitude_vector):
                 for name, p in store.items():
                     p.requires_grad_(name in active)
         for copy in self._trainable_copies():
@@ -485,6 +520,10 @@ class LoraModel(nn.Module):
             for name in adapter_names:
                 self._check_exists(name)
             pairs = [(n, 1.0) for n in adapter_names]
+        names = {n for n, _ in pairs}
+        for layer in self.lora_layers():
+            if names & set(layer.lora_A) and layer.quantized:
+                layer._check_mergeable()  # refuses before any layer changed
         for layer in self.lora_layers():
             layer.merge(pairs)
 
@@ -493,9 +532,36 @@ class LoraModel(nn.Module):
             layer.unmerge()
 
     def merge_and_unload(self, adapter_names: list[str] | None = None) -> nn.Module:
-        """Merges the active adapters into the weights and returns the plain base model."""
+        """Merges the active adapters into the weights and returns the plain base model.
+
+        On a quantized base (bitsandbytes 4-bit / 8-bit) every quantized layer is dequantized first, so
+        the result is a full-precision model (in the dtype of the model's other float weights) that holds
+        exactly the dequantized base plus the updates; a warning says so."""
+        kind = model_quantization(self.model)
+        if kind is None:
+            self.merge_adapter(adapter_names)
+            return self._unwrap(keep_copies=True)
+        dtype = next(
+            (
+                p.dtype
+                for p in self.model.parameters()
+                if p.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            ),
+            torch.float32,
+        )
+        for layer in self.lora_layers():
+            if layer.quantized:
+                layer.base_layer = dequantized_linear(layer.base_layer, dtype)
+                layer.quantized = False
         self.merge_adapter(adapter_names)
-        return self._unwrap(keep_copies=True)
+        model = self._unwrap(keep_copies=True)
+        dequantize_model(model, dtype)
+        warnings.warn(
+            f"merged onto a {kind} quantized base: its layers were dequantized, so the merged model is full "
+            f"precision ({str(dtype).removeprefix('torch.')}), the size of an unquantized model",
+            stacklevel=2,
+        )
+        return model
 
     def unload(self) -> nn.Module:
         """Removes every adapter without merging and returns the plain base model."""
@@ -561,9 +627,9 @@ class LoraModel(nn.Module):
             self._mark_trainable()
         else:
             for layer in self.lora_layers():
-                if adapter_name in layer.lora_A:
-                    layer.lora_A[adapter_name].requires_grad_(False)
-                    layer.lora_B[adapter_name].requires_grad_(False)
+                for store in (layer.lora_A, layer.lora_B, layer.lora_magnitude_vector):
+                    if adapter_name in store:
+                        store[adapter_name].requires_grad_(False)
 
     @classmethod
     def from_pretrained(

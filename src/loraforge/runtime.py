@@ -198,14 +198,33 @@ def load_tokenizer(base: str, trust_remote_code: bool = False):
 
 
 def load_text_model(
-    base: str, dtype: str = "float32", trust_remote_code: bool = False, require_tokenizer: bool = True
+    base: str,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    require_tokenizer: bool = True,
+    quantize: str = "none",
+    compute_dtype: str = "float32",
+    double_quant: bool = True,
+    device: str | torch.device | None = None,
 ):
     """(model, tokenizer) for an embedded base name, a local transformers directory or a hub id.
-    Without `require_tokenizer`, a base with no loadable tokenizer gives tokenizer None."""
+    Without `require_tokenizer`, a base with no loadable tokenizer gives tokenizer None.
+
+    `quantize` ("nf4", "fp4", "int8"; "none" by default) loads the linear layers of the transformer
+    blocks quantized by bitsandbytes (a frozen QLoRA base); 4-bit layers compute in `compute_dtype`
+    with `double_quant` on by default. `dtype` is then the dtype of the layers left unquantized
+    (embeddings, norms, output head). A quantized model is placed on `device` (default CPU) as it loads."""
     from transformers import AutoModelForCausalLM
+
+    from loraforge.quant import QUANTIZE_CHOICES, quantization_config, quiet_int8_casts
 
     if dtype != "auto" and dtype not in DTYPES:
         raise UserError(f"dtype {dtype!r}: choose from {', '.join(DTYPES)} or auto")
+    if quantize not in QUANTIZE_CHOICES:
+        raise UserError(f"quantize {quantize!r}: choose from {', '.join(QUANTIZE_CHOICES)}")
+    if compute_dtype not in DTYPES:
+        raise UserError(f"compute dtype {compute_dtype!r}: choose from {', '.join(DTYPES)}")
+    quant = quantization_config(quantize, DTYPES[compute_dtype], double_quant)
     quiet_libraries()
     try:
         tokenizer = load_tokenizer(base, trust_remote_code)
@@ -215,11 +234,31 @@ def load_text_model(
         tokenizer = None
     path = resolve_base(base)
     kwargs = {"trust_remote_code": trust_remote_code, "dtype": "auto" if dtype == "auto" else DTYPES[dtype]}
+    if quant is not None:
+        quiet_int8_casts()
+        kwargs.update(quantization_config=quant, device_map={"": str(device or "cpu")})
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
         raise NotFound(f"cannot load base model {base!r}: {_first_line(e)}") from e
+    if quant is not None:
+        release_checkpoint(model)
     return model, tokenizer
+
+
+def release_checkpoint(model) -> None:
+    """Gives the unquantized weights of a freshly quantized model their own memory. Loaded in the
+    checkpoint's dtype, they are views of its memory-mapped file, which keeps the whole mapping, and
+    every page of it read while quantizing (the full-precision weights), resident in the process."""
+    from loraforge.quant import avoid_broken_cpu_repack, is_quantized
+
+    for m in model.modules():
+        avoid_broken_cpu_repack(m)
+    quantized = {id(p) for m in model.modules() if is_quantized(m) for p in m.parameters(recurse=False)}
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if id(tensor) not in quantized and tensor.device.type == "cpu":
+                tensor.data = tensor.data.clone()
 
 
 @dataclass
@@ -258,15 +297,20 @@ def load_text(
     trust_remote_code: bool = False,
     device: str | torch.device | None = None,
     require_tokenizer: bool = True,
+    quantize: str = "none",
+    compute_dtype: str = "float32",
 ) -> TextRuntime:
-    """Loads a causal LM and puts `adapters` (specs or ``SOURCE[:WEIGHT]`` strings) on it at their weights."""
+    """Loads a causal LM and puts `adapters` (specs or ``SOURCE[:WEIGHT]`` strings) on it at their weights.
+    `quantize` ("nf4", "fp4", "int8") loads the base quantized (see `load_text_model`)."""
     from loraforge.model import LoraModel
 
     specs = parse_adapter_specs(adapters)
     directories = [text_adapter_dir(spec) for spec in specs]  # all checked before the model loads
     name = choose_base(base, specs, DEFAULT_TEXT_BASE)
-    model, tokenizer = load_text_model(name, dtype, trust_remote_code, require_tokenizer)
-    if device is not None:
+    model, tokenizer = load_text_model(
+        name, dtype, trust_remote_code, require_tokenizer, quantize, compute_dtype, device=device
+    )
+    if device is not None and quantize == "none":
         model.to(device)
     lora = LoraModel(model)
     loaded = []

@@ -1,7 +1,8 @@
 """PEFT's adapter files: `adapter_config.json` + `adapter_model.safetensors`.
 
 Keys are ``base_model.model.<module path>.lora_A.weight`` / ``.lora_B.weight`` (embeddings:
-``.lora_embedding_A`` / ``.lora_embedding_B``, stored without ``.weight``); trained copies of
+``.lora_embedding_A`` / ``.lora_embedding_B``, stored without ``.weight``); a DoRA adapter adds
+``<module path>.lora_magnitude_vector`` (out,) (a convolution's is (1, out, 1, ...)); trained copies of
 `modules_to_save` are stored under the module's own path, e.g. ``base_model.model.score.weight``;
 trained biases (``bias="lora_only"``/``"all"``) under the parameter's path in a PEFT model, so an
 adapted layer's bias is ``base_model.model.<module path>.base_layer.bias`` (``<module path>.bias`` is
@@ -32,7 +33,9 @@ LORA_SUFFIXES = {
     ".lora_B.weight": 1,
     ".lora_embedding_A": 0,
     ".lora_embedding_B": 1,
+    ".lora_magnitude_vector": 2,
 }
+MAGNITUDE_SUFFIXES = (".lora_magnitude_vector", ".lora_magnitude_vector.weight")
 
 
 def _keys(layer_name: str, layer: LoraLayer) -> tuple[str, str]:
@@ -49,6 +52,11 @@ def adapter_state_dict(model, adapter_name: str) -> dict[str, torch.Tensor]:
     for name, layer in layers:
         key_a, key_b = _keys(name, layer)
         out[key_a], out[key_b] = layer.lora_A[adapter_name], layer.lora_B[adapter_name]
+        if layer.is_dora(adapter_name):
+            m = layer.lora_magnitude_vector[adapter_name]
+            # PEFT's shape: (out,) for linear layers, (1, out, 1, ...) for convolutions
+            shape = (1, -1, *[1] * len(layer.kernel_size)) if layer.channels_first else (-1,)
+            out[f"{PREFIX}{name}.lora_magnitude_vector"] = m.reshape(shape)
     for name, copy in model.adapter_copies(adapter_name):
         for pname, p in copy.state_dict().items():
             out[f"{PREFIX}{name}.{pname}"] = p
@@ -87,7 +95,8 @@ def read_adapter(
 def split_tensors(
     tensors: dict[str, torch.Tensor], where: str = "adapter"
 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]:
-    """PEFT's keys -> ({module path: (A, B)}, {path: other tensor}), without the ``base_model.model.`` prefix.
+    """PEFT's keys -> ({module path: (A, B) or (A, B, DoRA magnitude)}, {path: other tensor}), without the
+    ``base_model.model.`` prefix.
 
     With ``bias="all"`` PEFT also saves a modules_to_save module's biases under its wrapper's names
     (``<module>.original_module.bias``: the untouched original; ``<module>.modules_to_save.bias``: a
@@ -98,15 +107,17 @@ def split_tensors(
         key = key.removeprefix(PREFIX)
         if WRAPPER_COPY.search(key):
             continue
+        if key.endswith(".lora_magnitude_vector.weight"):  # as PEFT names the parameter in a model
+            key = key.removesuffix(".weight")
         suffix = next((s for s in LORA_SUFFIXES if key.endswith(s)), None)
         if suffix is None:
             others[key] = tensor
             continue
-        pairs.setdefault(key[: -len(suffix)], [None, None])[LORA_SUFFIXES[suffix]] = tensor
-    for module, (A, B) in pairs.items():
+        pairs.setdefault(key[: -len(suffix)], [None, None, None])[LORA_SUFFIXES[suffix]] = tensor
+    for module, (A, B, _) in pairs.items():
         if A is None or B is None:
             raise UserError(f"{where} has only one of {module}'s two LoRA matrices (lora_A, lora_B)")
-    return {m: (A, B) for m, (A, B) in pairs.items()}, others
+    return {m: (A, B) if mag is None else (A, B, mag) for m, (A, B, mag) in pairs.items()}, others
 
 
 def load_adapter(model, directory: str | Path, adapter_name: str, allow_pickle: bool = False) -> None:

@@ -62,6 +62,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     flags.add_json(parser, "the prompts and their generations (implies --no-stream)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
+    parser.add_argument(
+        "--quantize",
+        default="none",
+        choices=["none", "nf4", "fp4", "int8"],
+        help="load the base's linear layers quantized by bitsandbytes (QLoRA); needs loraforge[quant]",
+    )
     parser.add_argument("--trust-remote-code", action="store_true")
 
 
@@ -139,17 +145,19 @@ def generate_text(
     settings: SamplingSettings | None = None,
     dtype: str = "float32",
     trust_remote_code: bool = False,
+    quantize: str = "none",
     **setting_overrides,
 ) -> list[str]:
     """Generates a continuation of each prompt from `base` with `adapters` (``SOURCE[:WEIGHT]``
     strings or AdapterSpecs) mixed by weight. Sampling settings come as a `SamplingSettings` or as
-    keywords (``greedy=True``, ``max_new_tokens=32``, ``seed=1`` ...)."""
+    keywords (``greedy=True``, ``max_new_tokens=32``, ``seed=1`` ...). `quantize` ("nf4", "fp4", "int8")
+    loads the base quantized by bitsandbytes."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise UserError("give at least one prompt")
     settings = replace(settings or SamplingSettings(), **setting_overrides)
     settings.validate()  # before the model loads
-    rt = load_text(base, adapters, dtype, trust_remote_code)
+    rt = load_text(base, adapters, dtype, trust_remote_code, quantize=quantize)
     return complete(rt, prompts, settings)
 
 
@@ -168,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
         chat=args.chat,
     )
     settings.validate()
-    rt = load_text(args.base, args.adapter, args.dtype, args.trust_remote_code)
+    rt = load_text(args.base, args.adapter, args.dtype, args.trust_remote_code, quantize=args.quantize)
     print(
         f"{rt.describe()}; " + ("greedy" if args.greedy else f"sampling (seed {args.seed})"),
         file=sys.stderr,

@@ -125,6 +125,17 @@ class TrainConfig:
     weight_decay: float = 0.0
     """AdamW weight decay on the adapter weights."""
 
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    """adamw: PyTorch's AdamW. adamw8bit: bitsandbytes' AdamW8bit, its moment estimates stored in 8 bits
+    (needs bitsandbytes: pip install 'loraforge[quant]')."""
+
+    loraplus_lr_ratio: float = 0.0
+    """LoRA+: train the B matrices (and 1-D tensors such as DoRA magnitudes) at this multiple of the
+    learning rate, as PEFT's create_loraplus_optimizer (the paper suggests 16). 0: off."""
+
+    loraplus_lr_embedding: float = 1e-6
+    """LoRA+: learning rate of adapters on embedding layers (PEFT's default), when loraplus_lr_ratio is set."""
+
     max_grad_norm: float = 1.0
     """Clip the gradient to this global L2 norm before each step. 0 turns clipping off."""
 
@@ -220,6 +231,8 @@ class TrainConfig:
             "epochs",
             "weight_decay",
             "max_grad_norm",
+            "loraplus_lr_ratio",
+            "loraplus_lr_embedding",
         )
         for name in non_negative:
             if getattr(self, name) < 0:
@@ -307,7 +320,19 @@ class TextTrainConfig(TrainConfig):
     """Tokens generated per sample prompt (greedy)."""
 
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
-    """Dtype the base weights are loaded in. The adapter always trains in float32."""
+    """Dtype the base weights are loaded in (with `quantize`: those left unquantized, e.g. embeddings,
+    norms, output head). The adapter always trains in float32."""
+
+    quantize: Literal["none", "nf4", "fp4", "int8"] = "none"
+    """QLoRA: load the base's linear layers quantized by bitsandbytes (4-bit nf4 or fp4, or int8) and
+    train the adapter on top, frozen. The adapter loads on the full-precision base as usual. Needs
+    bitsandbytes (pip install 'loraforge[quant]'); runs on CPU and CUDA."""
+
+    quant_compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype 4-bit layers compute in (their weights are dequantized to it on the fly)."""
+
+    double_quant: bool = True
+    """4-bit: quantize the quantization constants too (QLoRA's double quantization, ~0.4 bit/weight less)."""
 
     trust_remote_code: bool = False
     """Allow models whose code lives in their hub repository (only for bases you trust)."""

@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 import torch
 
 from loraforge.errors import UserError
+from loraforge.optim import loraplus_groups, make_optimizer
 from loraforge.train import rundir
 from loraforge.train.charts import draw_loss_curve
 from loraforge.train.checkpoint import (
@@ -254,8 +255,10 @@ class _Run:
         self.started = time.perf_counter()
 
     def _setup_optimizer(self):
-        """AdamW over the task's parameter groups (a group's own "lr" / "weight_decay" override the
-        config's; the schedule scales every group alike), without parameters that do not train."""
+        """AdamW (or 8-bit AdamW, config `optimizer`) over the task's parameter groups (a group's own
+        "lr" / "weight_decay" override the config's; the schedule scales every group alike), without
+        parameters that do not train; with `loraplus_lr_ratio`, B matrices at that multiple of the
+        learning rate (LoRA+, see `loraforge.optim`)."""
         groups = [
             dict(g, params=[p for p in g["params"] if p.requires_grad]) for g in self.task.parameter_groups()
         ]
@@ -263,7 +266,12 @@ class _Run:
         params = [p for g in groups for p in g["params"]]
         if not params:
             raise UserError("the task has no trainable parameters")
-        return _adamw(groups, self.config), params
+        c = self.config
+        if c.loraplus_lr_ratio:
+            groups = loraplus_groups(
+                self.task.model, groups, c.learning_rate, c.loraplus_lr_ratio, c.loraplus_lr_embedding
+            )
+        return make_optimizer(c.optimizer, groups, c.learning_rate, c.weight_decay), params
 
     # -- resume ------------------------------------------------------------------------------------
 
@@ -609,20 +617,6 @@ def choose_threads(requested: int) -> int:
         cores = os.cpu_count() or 1
     local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
     return max(1, cores // local_processes)
-
-
-def _adamw(groups, config):
-    """AdamW, fused into one kernel per step where PyTorch has that for these tensors (float32 on CPU
-    or CUDA): the per-parameter Python loop of the default implementation costs more than the update
-    itself for adapters of many small matrices. Same maths; falls back to the default elsewhere."""
-    kwargs = dict(lr=config.learning_rate, weight_decay=config.weight_decay)
-    params = [p for g in groups for p in g["params"]]
-    if all(p.dtype == torch.float32 and p.device.type in ("cpu", "cuda") for p in params):
-        try:
-            return torch.optim.AdamW(groups, fused=True, **kwargs)
-        except (RuntimeError, ValueError, TypeError):
-            pass
-    return torch.optim.AdamW(groups, **kwargs)
 
 
 def _micro_batches(task: Task, position):

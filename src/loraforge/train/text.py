@@ -238,9 +238,18 @@ class TextTask(Task):
         say(self.train_scan.report())
         if self.eval_scan is not None:
             say(self.eval_scan.report())
-        model, self.tokenizer = load_text_model(c.base, c.dtype, c.trust_remote_code)
+        model, self.tokenizer = load_text_model(
+            c.base,
+            c.dtype,
+            c.trust_remote_code,
+            quantize=c.quantize,
+            compute_dtype=c.quant_compute_dtype,
+            double_quant=c.double_quant,
+            device=accelerator.device,
+        )
         model.config.use_cache = False
-        model.to(accelerator.device)
+        if c.quantize == "none":
+            model.to(accelerator.device)
         lora_config = dataclasses.replace(
             c.lora,
             target_modules=c.lora.target_modules or default_target_modules(model),
@@ -253,7 +262,8 @@ class TextTask(Task):
         targets = self.lora.peft_config["default"].target_modules
         targets = ", ".join(targets) if isinstance(targets, list) else targets
         say(
-            f"model: {c.base} ({type(model).__name__}, {total - trainable:,} parameters); "
+            f"model: {c.base} ({type(model).__name__}, {total - trainable:,} parameters"
+            f"{'' if c.quantize == 'none' else ', linear layers quantized ' + c.quantize + ' (frozen)'}); "
             f"adapter r={c.lora.r} on {targets}: {trainable:,} trainable"
         )
         self.train_set = TextDataset(

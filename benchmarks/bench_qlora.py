@@ -1,0 +1,264 @@
+#!/usr/bin/env python3
+"""QLoRA memory and speed: a 1B-class Llama with an fp32, bf16, nf4 and int8 frozen base, loraforge
+against PEFT + bitsandbytes with the same settings, side by side.
+
+The model is built from a config with random weights (hidden 2048, 16 layers, intermediate 5632,
+32 heads / 4 KV heads, vocab 32000: 0.84B parameters: TinyLlama-1.1B's shape with 16 of its 22 layers) and saved
+once as a bf16 checkpoint, so that every run loads it the way a user loads a base: through
+`from_pretrained`, quantized tensor by tensor for nf4 / int8 (`BitsAndBytesConfig`; 4-bit: double
+quantization, bf16 compute; both: unquantized layers (embeddings, norms, head) in bf16).
+
+Every run: LoRA r=16, alpha 32 on all linear layers, gradient checkpointing (non-reentrant), AdamW,
+batch 1 of 256 random tokens, the same plain training step for both libraries (forward with labels,
+backward, optimizer step). loraforge loads through `loraforge.runtime.load_text_model`, PEFT through
+transformers' `from_pretrained` + `peft.get_peft_model` (without `prepare_model_for_kbit_training`,
+which would upcast every unquantized weight to fp32 and only add memory to PEFT's column).
+
+Each (base, library) runs in a fresh process, alternating libraries, so one cannot inflate another's
+memory. Peak memory is the process's resident set (Python, libraries, model, everything), sampled every
+10 ms from the end of loading to the last optimizer step: "peak RSS" (VmRSS) and its anonymous part
+("anon": RSS less file-backed pages such as a memory-mapped checkpoint, which the kernel can drop).
+The loading transient (VmHWM at the end of loading: while quantizing, the checkpoint's mapped pages
+are resident too) is reported separately.
+
+    nice python benchmarks/bench_qlora.py                        # all 8 runs, ~25 min on 2 CPU cores
+    python benchmarks/bench_qlora.py --bases nf4 --libs loraforge --layers 2 --warmup 0 --steps 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+BASES = ("fp32", "bf16", "nf4", "int8")
+LIBS = ("loraforge", "peft")
+SHAPE = dict(
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    vocab_size=32000,
+    max_position_embeddings=2048,
+)
+
+
+def status_gb() -> dict[str, float]:
+    """VmRSS, RssAnon and VmHWM of this process, in GiB."""
+    out = {}
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "RssAnon", "VmHWM"):
+                out[key] = int(value.split()[0]) / 2**20
+    return out
+
+
+class Peak:
+    """Peak VmRSS and RssAnon, sampled by a background thread."""
+
+    def __init__(self, interval=0.01):
+        self.interval, self.rss, self.anon = interval, 0.0, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self):
+        s = status_gb()
+        self.rss, self.anon = max(self.rss, s["VmRSS"]), max(self.anon, s["RssAnon"])
+
+    def _run(self):
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self):
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+
+def build_checkpoint(directory: Path, layers: int) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(num_hidden_layers=layers, **SHAPE)
+    model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(directory)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"built {directory}: {params / 1e9:.2f}B parameters", flush=True)
+
+
+def run_one(lib: str, base: str, args) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    dtype = "float32" if base == "fp32" else "bfloat16"
+    quantize = {"nf4": "nf4", "int8": "int8"}.get(base, "none")
+    started = time.perf_counter()
+    if lib == "loraforge":
+        from loraforge import LoraConfig, get_lora_model
+        from loraforge.runtime import load_text_model
+        from loraforge.train.task import enable_activation_checkpointing
+
+        model, _ = load_text_model(
+            args.model_dir, dtype, require_tokenizer=False, quantize=quantize, compute_dtype="bfloat16"
+        )
+        model.config.use_cache = False
+        enable_activation_checkpointing(model)
+        model = get_lora_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    else:
+        import peft
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        kwargs = dict(dtype=getattr(torch, dtype))
+        if quantize == "nf4":
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.bfloat16,
+            )
+        elif quantize == "int8":
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        if quantize != "none":
+            kwargs["device_map"] = {"": "cpu"}
+        model = AutoModelForCausalLM.from_pretrained(args.model_dir, **kwargs)
+        model.config.use_cache = False
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    load_s = time.perf_counter() - started
+    loaded = status_gb()
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    generator = torch.Generator().manual_seed(0)
+    steps = args.warmup + args.steps
+    batches = [
+        torch.randint(0, SHAPE["vocab_size"], (1, args.seq), generator=generator) for _ in range(steps)
+    ]
+    losses, t0 = [], None
+    with Peak() as peak:
+        for i, ids in enumerate(batches):
+            if i == args.warmup:
+                t0, cpu0 = time.perf_counter(), time.process_time()
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss))
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    return dict(
+        lib=lib,
+        base=base,
+        tokens_per_s=args.steps * args.seq / elapsed,
+        s_per_step=elapsed / args.steps,
+        peak_gb=peak.rss,
+        peak_anon_gb=peak.anon,
+        loaded_gb=loaded["VmRSS"],
+        load_hwm_gb=loaded["VmHWM"],
+        tokens_per_cpu_s=args.steps * args.seq / cpu,
+        load_s=load_s,
+        trainable=sum(p.numel() for p in params),
+        losses=losses,
+    )
+
+
+def table(results: list[dict]) -> str:
+    by = {(r["base"], r["lib"]): r for r in results}
+    bases = [b for b in BASES if any(k[0] == b for k in by)]
+    fp32 = {lib: by[("fp32", lib)]["peak_gb"] for lib in LIBS if ("fp32", lib) in by}
+    lines = [
+        "| base | peak RSS GB (lf / PEFT) | anon GB (lf / PEFT) | tokens/s (lf / PEFT) "
+        "| tokens per CPU-s (lf / PEFT) | lf peak / lf fp32 | loading peak GB (lf / PEFT) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for b in bases:
+        lf, pf = by.get((b, "loraforge")), by.get((b, "peft"))
+
+        def cell(r, key, fmt):
+            return format(r[key], fmt) if r else "-"
+
+        ratio = f"{lf['peak_gb'] / fp32['loraforge']:.2f}x" if lf and "loraforge" in fp32 else "-"
+
+        def pair(key, fmt, lf=lf, pf=pf):
+            return f"{cell(lf, key, fmt)} / {cell(pf, key, fmt)}"
+
+        lines.append(
+            f"| {b} | {pair('peak_gb', '.2f')} | {pair('peak_anon_gb', '.2f')} | {pair('tokens_per_s', '.2f')} "
+            f"| {pair('tokens_per_cpu_s', '.2f')} | {ratio} | {pair('load_hwm_gb', '.2f')} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bases", nargs="+", default=list(BASES), choices=BASES)
+    parser.add_argument("--libs", nargs="+", default=list(LIBS), choices=LIBS)
+    parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--model-dir", default=None, help="checkpoint to reuse (built if missing)")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--one", nargs=2, metavar=("LIB", "BASE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print("RESULT " + json.dumps(run_one(*args.one, args)), flush=True)
+        return 0
+    args.model_dir = args.model_dir or f"/tmp/loraforge-bench-llama-{args.layers}l"
+    if not (Path(args.model_dir) / "config.json").is_file():
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                f"import bench_qlora as b; b.build_checkpoint(b.Path({args.model_dir!r}), {args.layers})",
+            ],
+            cwd=Path(__file__).parent,
+            check=True,
+        )
+    results = []
+    passthrough = ["--layers", str(args.layers), "--seq", str(args.seq), "--warmup", str(args.warmup)]
+    passthrough += ["--steps", str(args.steps), "--threads", str(args.threads), "--model-dir", args.model_dir]
+    for base in args.bases:
+        for lib in args.libs:
+            out = subprocess.run(
+                [sys.executable, __file__, "--one", lib, base, *passthrough],
+                capture_output=True,
+                text=True,
+            )
+            lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+            if out.returncode or not lines:
+                print(f"{lib} / {base} failed:\n{out.stderr[-3000:]}", flush=True)
+                continue
+            r = json.loads(lines[-1][len("RESULT ") :])
+            results.append(r)
+            print(
+                f"{base:5s} {lib:9s} peak {r['peak_gb']:.2f} GB (anon {r['peak_anon_gb']:.2f}, after load "
+                f"{r['loaded_gb']:.2f}, loading peak {r['load_hwm_gb']:.2f}), "
+                f"{r['tokens_per_s']:.1f} tok/s, {r['s_per_step']:.1f} s/step, loss {r['losses']}",
+                flush=True,
+            )
+    print()
+    print(
+        f"{args.layers} layers, {args.seq} tokens, batch 1, {args.warmup} warmup + {args.steps} timed steps"
+    )
+    print(table(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

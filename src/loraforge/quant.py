@@ -1,0 +1,168 @@
+"""Quantized frozen bases (QLoRA): bitsandbytes' 4-bit (nf4, fp4) and 8-bit linear layers.
+
+The base is loaded through transformers' `BitsAndBytesConfig`, so its linear layers are
+bitsandbytes' `Linear4bit` / `Linear8bitLt`. Both subclass `nn.Linear`, but their ``weight`` is packed
+integers, so nothing may read it as a float matrix: this module is the one place that tells a quantized
+layer apart (`is_quantized`) and turns one back into floats (`dequantize_weight`, `dequantized_linear`).
+LoRA layers wrap them like any linear layer; the adapter itself stays float32.
+
+bitsandbytes (>= 0.50) runs on CPU as well as CUDA. It is an optional dependency: ``pip install
+loraforge[quant]``.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from loraforge.errors import UserError
+
+QUANTIZE_CHOICES = ("none", "nf4", "fp4", "int8")
+QUANTIZED_CLASSES = ("Linear4bit", "Linear8bitLt")
+
+
+def require_bitsandbytes():
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise UserError(
+            "a quantized base needs bitsandbytes: pip install 'loraforge[quant]' (or bitsandbytes>=0.50)"
+        ) from None
+    return bitsandbytes
+
+
+def quantization_config(quantize: str, compute_dtype: torch.dtype = torch.float32, double_quant: bool = True):
+    """transformers' `BitsAndBytesConfig` for `quantize` ("nf4", "fp4" or "int8"); None for "none".
+
+    4-bit layers compute in `compute_dtype` (their weights are dequantized to it tile by tile) and
+    quantize their quantization constants too (`double_quant`, QLoRA's default: ~0.4 bit/parameter less).
+    """
+    if quantize in (None, "none"):
+        return None
+    if quantize not in QUANTIZE_CHOICES:
+        raise UserError(f"quantize {quantize!r}: choose from {', '.join(QUANTIZE_CHOICES)}")
+    require_bitsandbytes()
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quantize,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_use_double_quant=double_quant,
+    )
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """bitsandbytes' 4-bit or 8-bit linear layer (checked by class, without importing bitsandbytes)."""
+    return any(
+        cls.__name__ in QUANTIZED_CLASSES and "bitsandbytes" in cls.__module__ for cls in type(module).__mro__
+    )
+
+
+def avoid_broken_cpu_repack(module: nn.Module) -> None:
+    """bitsandbytes (0.50) repacks a 4-bit weight for its AVX512-BF16 CPU inference kernel at the first
+    eval-mode forward without autograd, and fails there when the layer's output size is not a multiple
+    of 32 or its input size not a multiple of the quantization block (e.g. tiny-llama's 688-wide MLP).
+    Such layers keep the regular kernel."""
+    if quant_kind(module) != "4bit":
+        return
+    blocksize = getattr(module.weight.quant_state, "blocksize", 64) or 64
+    if module.out_features % 32 or module.in_features % blocksize:
+        module.support_avx512bf16_for_cpu = False
+
+
+def quant_kind(module: nn.Module) -> str | None:
+    """ "4bit", "8bit" or None."""
+    if not is_quantized(module):
+        return None
+    return "4bit" if type(module.weight).__name__ == "Params4bit" else "8bit"
+
+
+@torch.no_grad()
+def dequantize_weight(module: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The (out, in) float matrix a quantized linear layer multiplies by; its plain weight otherwise."""
+    kind = quant_kind(module)
+    if kind is None:
+        return module.weight.to(dtype)
+    bnb = require_bitsandbytes()
+    weight = module.weight
+    if kind == "4bit" and getattr(weight.quant_state, "packing_format_for_cpu", False):
+        # On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight for its inference kernel at the
+        # first eval-mode forward without autograd, and dequantize_4bit does not read that layout.
+        # The layer's own kernel does: its response to the identity matrix is W^T (plus the bias).
+        eye = torch.eye(module.in_features, device=weight.device, dtype=compute_dtype(module))
+        W = module(eye).T
+        if module.bias is not None:
+            W = W - module.bias.to(W.dtype)[:, None]
+    elif kind == "4bit":
+        W = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+    else:
+        scb = weight.SCB if getattr(weight, "SCB", None) is not None else module.state.SCB
+        W = bnb.functional.int8_vectorwise_dequant(weight.data, scb.to(weight.device))
+    return W.to(dtype)
+
+
+def compute_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype a quantized layer computes in (its output dtype for float32 input)."""
+    dtype = getattr(module, "compute_dtype", None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+def dequantized_linear(module: nn.Module, dtype: torch.dtype = torch.float32, delta=None) -> nn.Linear:
+    """A plain `nn.Linear` holding a quantized layer's dequantized weight (plus `delta`, (out, in))."""
+    W = dequantize_weight(module, torch.float32)
+    if delta is not None:
+        W += delta.to(W.dtype)
+    bias = module.bias
+    out = nn.Linear(
+        module.in_features, module.out_features, bias=bias is not None, device=W.device, dtype=dtype
+    )
+    with torch.no_grad():
+        out.weight.copy_(W)
+        if bias is not None:
+            out.bias.copy_(bias)
+    out.requires_grad_(False)
+    return out
+
+
+def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> int:
+    """Replaces every quantized linear layer of `model` by a plain one in `dtype`, drops transformers'
+    record of the quantization (so `save_pretrained` writes a plain model), and returns how many."""
+    names = [n for n, m in model.named_modules() if is_quantized(m)]
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, dequantized_linear(getattr(parent, child), dtype))
+    forget_quantization(model)
+    return len(names)
+
+
+def forget_quantization(model: nn.Module) -> None:
+    """Removes transformers' quantization attributes from a model that no longer has quantized layers."""
+    for attr in ("hf_quantizer", "quantization_method", "_weight_conversions"):
+        if attr in model.__dict__:
+            delattr(model, attr)
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "quantization_config"):
+        del config.quantization_config
+    if hasattr(model, "is_quantized"):
+        model.is_quantized = False
+
+
+def model_quantization(model: nn.Module) -> str | None:
+    """ "4bit" / "8bit" when `model` holds quantized linear layers, else None."""
+    for m in model.modules():
+        kind = quant_kind(m)
+        if kind:
+            return kind
+    return None
+
+
+def quiet_int8_casts():
+    """bitsandbytes warns at every 8-bit matmul of float32 input that it casts to float16 (on CPU too);
+    said once per layer per call, it floods the output. The cast is how int8 layers work: silenced."""
+    warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
