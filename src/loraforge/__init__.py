@@ -14,6 +14,7 @@ A Python call for every job (the command line is a thin layer over these)::
 The jobs' modules load on first use, so ``import loraforge`` stays light.
 """
 
+import logging
 from importlib import import_module
 
 from loraforge.config import LoraConfig
@@ -36,6 +37,12 @@ _API = {
     "verify_job": "loraforge.jobs.runner",
     "create_loraplus_optimizer": "loraforge.optim",
 }
+
+# bitsandbytes announces at import, on CPUs with AVX512-BF16, that it could not fetch an optional
+# kernel from the Hugging Face hub; its built-in kernel is used instead. Nothing a user can act on.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: "kernels-community" not in record.getMessage()
+)
 
 __all__ = ["LoraConfig", "LoraModel", "UserError", "get_lora_model", *_API]
 __version__ = "0.1.0"
