@@ -197,6 +197,7 @@ def run_loraforge(args, out_dir: Path) -> dict:
             "target_modules": TARGETS,
             "placeholder_tokens": [],
             "caption_template": "{caption}",
+            "caption_templates": [],  # one prompt per image, as the standard route trains
             "instance_prompt": "a picture",
             "snr_gamma": 0.0,
             "schedule": "constant",
