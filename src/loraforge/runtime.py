@@ -165,15 +165,13 @@ def quiet_libraries() -> None:
         diffusers_logging.disable_progress_bar()
     except ImportError:
         pass
-    for handler in hf_logging.get_logger().handlers:
-        if not any(isinstance(f, _NoTorchvisionNote) for f in handler.filters):
-            handler.addFilter(_NoTorchvisionNote())
-    logging.getLogger("transformers").addFilter(_NoTorchvisionNote())
+    # One filter object: addFilter ignores a filter already there, so loading many models adds it once.
+    for filterer in (*hf_logging.get_logger().handlers, logging.getLogger("transformers")):
+        filterer.addFilter(_no_torchvision_note)
 
 
-class _NoTorchvisionNote:
-    def filter(self, record) -> bool:
-        return "requires torchvision" not in record.getMessage()
+def _no_torchvision_note(record) -> bool:
+    return "requires torchvision" not in record.getMessage()
 
 
 def _first_line(e: BaseException) -> str:
