@@ -8,13 +8,13 @@ reported), so the same request gives the same image alone or batched. Images com
 PNGs (``b64_json``) whose text chunks hold the generation parameters (`loraforge generate-image`'s).
 """
 
-from __future__ import annotations
 
 import asyncio
 import base64
 import io
 import time
 
+from loraforge.errors import UserError
 from loraforge.serve import mixes
 from loraforge.serve.openai import APIError, ImageRequest, until_disconnect
 from loraforge.serve.service import Service, random_seed
@@ -78,7 +78,7 @@ class ImageRoutes(Service):
             images = await self.wait(request, handle)
             data = await self.run(self.waiter, self.encode, images, job)
         finally:
-            if handle is not None and hasattr(handle, "cancel"):
+            if handle is not None:
                 handle.cancel()
             if lease is not None:
                 lease.release()
@@ -86,19 +86,26 @@ class ImageRoutes(Service):
         return {"created": int(time.time()), "data": data}
 
     async def wait(self, request, handle):
-        """The handle's images; the job is cancelled (APIError 499) if the client disconnects first."""
-        result = asyncio.ensure_future(self.run(self.waiter, handle.result))
+        """The handle's images; the job is cancelled (APIError 499) if the client disconnects first.
+        A job the engine refuses (UserError) is a 400, anything else a 500."""
+
+        async def images():
+            return await handle
+
+        result = asyncio.ensure_future(images())
         gone = asyncio.ensure_future(until_disconnect(request.receive))
         await asyncio.wait([result, gone], return_when=asyncio.FIRST_COMPLETED)
         gone.cancel()
         if not result.done():
-            if hasattr(handle, "cancel"):
-                handle.cancel()
+            handle.cancel()
+            result.cancel()
             raise APIError(499, "client disconnected")
-        images = result.result()
-        if getattr(handle, "error", None) or not images:
-            raise APIError(500, f"generation failed: {getattr(handle, 'error', None) or 'no image'}")
-        return images
+        try:
+            return result.result()
+        except UserError as e:
+            raise APIError(400, str(e)) from None
+        except Exception as e:  # noqa: BLE001 - the job failed; the server goes on
+            raise APIError(500, f"generation failed: {e}") from None
 
     def encode(self, images, job) -> list[dict]:
         from loraforge.infer.image import png_info

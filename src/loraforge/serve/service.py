@@ -1,5 +1,5 @@
 """What every route shares: the adapter registry, the engine, the limits, requests in flight, and the
-threads that do blocking work (loading adapters, waiting for images) off the event loop."""
+threads that do blocking work (loading adapters, encoding images) off the event loop."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ class Service:
         self.settings, self.registry, self.engine, self.kind = settings, registry, engine, kind
         self.base = settings.base
         self.loader = ThreadPoolExecutor(64, thread_name_prefix="loraforge-load")
-        self.waiter = ThreadPoolExecutor(max(8, settings.max_queue), thread_name_prefix="loraforge-wait")
+        self.waiter = ThreadPoolExecutor(4, thread_name_prefix="loraforge-encode")  # PNG encoding
         self.in_flight = 0
         self.created = int(time.time())
 

@@ -6,7 +6,6 @@ whatever its adapter or mix. ``temperature`` 0 is greedy; choice k of a seeded r
 that goes away cancels its jobs; their batch slots free at the next decoding step.
 """
 
-from __future__ import annotations
 
 import asyncio
 import time
