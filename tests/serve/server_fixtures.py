@@ -28,10 +28,8 @@ def text_adapters(directory: Path, specs: dict[str, dict], base: str = "tiny-lla
         fields = dict(fields)
         perturb = fields.pop("perturb_copies", False)
         torch.manual_seed(100 + i)
-        fields.setdefault("target_modules", ["q_proj", "v_proj"])
-        config = LoraConfig(
-            r=4, lora_alpha=8, init_lora_weights=False, base_model_name_or_path=base, **fields
-        )
+        fields = {"target_modules": ["q_proj", "v_proj"], "r": 4, "lora_alpha": 8, **fields}
+        config = LoraConfig(init_lora_weights=False, base_model_name_or_path=base, **fields)
         lora.add_adapter(name, config)
         with torch.no_grad():
             for _, layer in lora.adapter_layers(name):
