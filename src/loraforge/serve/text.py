@@ -124,7 +124,8 @@ class TextHandle:
     Iterate it (``for`` or ``async for``, one consumer) to receive `TextDelta` pieces; iteration ends
     when the job has finished. Leaving the iteration before that (``break``, a closed stream, a
     cancelled task) cancels the job. `text`, `token_ids`, `usage` accumulate whether or not anyone
-    iterates; `wait` blocks until the job is done."""
+    iterates; `wait` blocks until the job is done. `submitted_at`, `first_token_at`, `finished_at` are
+    `time.perf_counter()` readings."""
 
     def __init__(self, job: TextJob):
         self.job = job
@@ -138,6 +139,10 @@ class TextHandle:
         self._done = False
         self._cancelled = False
         self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
+        # time.perf_counter() readings, for latency figures
+        self.submitted_at = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
 
     @property
     def text(self) -> str:
@@ -206,12 +211,15 @@ class TextHandle:
             if self._done:
                 return
             if delta is not None and (delta.text or delta.token_ids):
+                if self.first_token_at is None:
+                    self.first_token_at = time.perf_counter()
                 self._pending.append(delta)
                 self._text.append(delta.text)
                 self.token_ids.extend(delta.token_ids)
                 self.usage.completion_tokens += len(delta.token_ids)
             if finish is not None:
                 self.finish_reason, self.error, self._done = finish, error, True
+                self.finished_at = time.perf_counter()
             self._cond.notify_all()
             waiters, self._async_waiters = self._async_waiters, []
         for loop, waiter in waiters:
@@ -476,6 +484,11 @@ class TextEngine:
         max_loras: distinct adapters in the running batch at most.
         max_prefill_tokens: padded prompt tokens (rows x longest prompt) one prefill forward takes at
             most (one prompt always fits); further jobs join at the next step.
+
+    Attributes:
+        lock: held during every step (acquire/release/``with``, re-entrant, like `threading.RLock`);
+            hold it to add or delete adapters, and no step runs meanwhile.
+        eos_token_ids: what to pass as `TextJob.stop_token_ids` to stop at the model's end of text.
     """
 
     def __init__(
@@ -503,12 +516,14 @@ class TextEngine:
         self.max_length = getattr(config, "max_position_embeddings", None)  # positions the model has
         params = inspect.signature(model.model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._positions = "position_ids" in params  # (models without them derive positions from the mask)
         self._keep_kw = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
         self._pad_id = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
         self.device = next(model.parameters()).device
         self._cv = threading.Condition()
         self._waiting: collections.deque[_Row] = collections.deque()
         self._rows: list[_Row] = []  # the running batch, in cache order (replaced, never mutated)
+        self._admitting: list[_Row] = []  # taken from the queue, being prefilled
         self._cache = _BatchCache()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -579,9 +594,10 @@ class TextEngine:
         return row.handle
 
     def adapters_in_use(self) -> set[str]:
-        """Adapters named by waiting or running jobs: not to be deleted or evicted now."""
+        """Adapters named by waiting or running jobs: not to be deleted or evicted now. Ask while
+        holding `lock` when acting on the answer (deleting adapters), so no step runs in between."""
         with self._cv:
-            rows = [*self._waiting, *self._rows]
+            rows = [*self._waiting, *self._admitting, *self._rows]
         return {name for row in rows for name in row.names}
 
     def stats(self) -> dict:
@@ -682,13 +698,14 @@ class TextEngine:
                 admitted = self._admit()
                 if admitted:
                     self._prefill(admitted)
+                    self._admitting = []
                 if self._rows:
                     self._decode()
             except Exception as e:  # a bug: keep serving, but these rows' state is unknown
                 log.exception("text engine step failed")
                 for row in admitted + self._rows:  # (a finished handle ignores this)
                     row.handle._push(None, "error", f"internal error: {type(e).__name__}: {e}")
-                self._rows, self._cache = [], _BatchCache()
+                self._rows, self._cache, self._admitting = [], _BatchCache(), []
         return self._has_work()
 
     def _retire_cancelled(self) -> None:
@@ -734,6 +751,7 @@ class TextEngine:
                     break
                 self._waiting.remove(row)
                 admitted.append(row)
+                self._admitting = admitted
                 in_use |= row.names
                 free -= 1
                 longest = max(longest, n)
@@ -761,10 +779,11 @@ class TextEngine:
         kwargs = {
             "input_ids": ids.to(self.device),
             "attention_mask": mask,
-            "position_ids": positions,
             self._cache_kw: cache,
             "use_cache": True,
         }
+        if self._positions:
+            kwargs["position_ids"] = positions
         if self._keep_kw:
             kwargs[self._keep_kw] = 1
         if all(not mix for mix in mixes):
