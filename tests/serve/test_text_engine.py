@@ -238,9 +238,12 @@ def test_detokenizer_releases_whole_characters():
 
 def test_cancel_frees_a_slot_for_a_waiting_job(env):
     eng = engine(env, max_batch=2)
-    a, b, c = (eng.submit(TextJob(ids(env, i), "attn", max_tokens=30, temperature=0)) for i in range(3))
+    a, b, c, d = (eng.submit(TextJob(ids(env, i), "attn", max_tokens=30, temperature=0)) for i in range(4))
     eng.step()
-    assert eng.stats()["running"] == 2 and eng.stats()["waiting"] == 1
+    assert eng.stats()["running"] == 2 and eng.stats()["waiting"] == 2
+    d.cancel()  # waiting behind a full batch: leaves the queue at the next step
+    eng.step()
+    assert d.finish_reason == "cancelled" and d.token_ids == [] and eng.stats()["waiting"] == 1
     a.cancel()
     eng.step()
     assert a.finish_reason == "cancelled" and eng.stats()["running"] == 2 and eng.stats()["waiting"] == 0
@@ -346,3 +349,19 @@ def test_background_thread_sync_and_async_iteration_and_lock(env):
     finally:
         eng.stop()
     assert eng._thread is not None and not eng._thread.is_alive()
+
+
+def test_rows_leaving_trim_padding_columns(env):
+    eng = engine(env)
+    short, long = ids(env, 2), ids(env, 3)
+    assert len(long) > len(short) + 5
+    h = eng.submit(TextJob(short, "mlp", 5, temperature=0))
+    eng.step()
+    eng.submit(TextJob(long, "attn", 3, temperature=0))
+    eng.step()
+    assert eng.stats()["width"] == len(long) + 1  # the short row is left-padded to the long one
+    eng.step()  # the long row leaves: its padding columns go with it
+    assert eng.stats() == {"running": 1, "waiting": 0, "width": len(short) + 3}
+    while eng.step():
+        pass
+    assert h.token_ids == alone(env, TextJob(short, "mlp", 5, temperature=0))

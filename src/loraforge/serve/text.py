@@ -729,11 +729,11 @@ class TextEngine:
         waiting_for: frozenset | None = None  # adapters of the first job blocked by max_loras
         longest = 0
         with self._cv:
-            for row in list(self._waiting):
-                if row.handle._cancelled:
+            if any(row.handle._cancelled for row in self._waiting):
+                for row in [row for row in self._waiting if row.handle._cancelled]:
                     self._waiting.remove(row)
                     row.handle._push(None, "cancelled")
-                    continue
+            for row in list(self._waiting):
                 if free == 0:
                     break
                 problem = self._adapter_problem(row)
