@@ -313,6 +313,21 @@ def test_bad_jobs_fail_alone(env):
         assert [hs[0].token_ids, hs[2].token_ids] == [expected[0], expected[2]]
     finally:
         handle.remove()
+    # a token the tokenizer fails to decode fails that job only
+    bad = next(t for t in expected[0] if t not in expected[2] + good[2].prompt_ids)
+    tokenizer = env["rt"].tokenizer
+
+    class Picky:
+        pad_token_id = tokenizer.pad_token_id
+
+        def decode(self, ids, **kw):
+            if bad in ids:
+                raise ValueError("cannot decode")
+            return tokenizer.decode(ids, **kw)
+
+    hs = run(TextEngine(env["rt"].model, Picky()), [[good[0], good[2]]])
+    assert hs[0].finish_reason == "error" and "cannot decode" in hs[0].error
+    assert hs[1].token_ids == expected[2] and hs[1].finish_reason == "length"
     with pytest.raises(UserError, match="token ids"):
         eng.submit(TextJob([1, 10**6], (), 2))
     with pytest.raises(UserError, match="takes 256"):

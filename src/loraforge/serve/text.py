@@ -894,7 +894,14 @@ class TextEngine:
 
     def _accept(self, row: _Row, token: int) -> bool:
         """Takes `token` as the row's next: releases its text, checks the stop conditions; True if the
-        job has finished."""
+        job has finished (a token the tokenizer cannot decode fails this job only)."""
+        try:
+            return self._take(row, token)
+        except Exception as e:
+            self._fail(row, e)
+            return True
+
+    def _take(self, row: _Row, token: int) -> bool:
         row.generated, row.pending = row.generated + 1, token
         reason, text = None, ""
         if token in row.stop_ids:
