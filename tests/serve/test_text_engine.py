@@ -14,7 +14,7 @@ from loraforge import LoraConfig, LoraModel, get_lora_model
 from loraforge.bases import resolve_base
 from loraforge.errors import UserError
 from loraforge.runtime import load_text
-from loraforge.serve.text import EngineClosed, TextEngine, TextJob, _Detokenizer, _StopMatcher
+from loraforge.serve.text import EngineClosed, TextEngine, TextJob, _BatchCache, _Detokenizer, _StopMatcher
 
 BASE = resolve_base("tiny-llama")
 PROMPTS = [
@@ -380,3 +380,48 @@ def test_rows_leaving_trim_padding_columns(env):
     while eng.step():
         pass
     assert h.token_ids == alone(env, TextJob(short, "mlp", 5, temperature=0))
+
+
+def test_batch_cache_keeps_each_rows_tokens_through_joins_leaves_and_growth():
+    from transformers import DynamicCache
+
+    g = torch.Generator().manual_seed(0)
+    cache, rows = _BatchCache(max_rows=7), []  # rows[i]: row i's keys (heads, tokens, dim); values = -keys
+    ops = ["join"] * 3 + ["step", "join", "leave", "step", "step", "leave", "join", "step"] * 12
+    for op in ops:
+        if op == "join" and len(rows) < 7:
+            lengths = torch.randint(
+                1, 50, (int(torch.randint(1, 8 - len(rows), (), generator=g)),), generator=g
+            )
+            width = int(lengths.max())
+            fresh = DynamicCache()
+            k = torch.randn(
+                len(lengths), 2, width, 3, generator=g
+            )  # padding holds garbage, as after a prefill
+            for layer in range(2):
+                fresh.update(k, -k, layer)
+            keep = sorted(torch.randperm(len(lengths), generator=g)[: max(1, len(lengths) - 1)].tolist())
+            cache.append(fresh, keep, [int(lengths[i]) for i in keep])
+            rows += [fresh.layers[0].keys[i, :, width - int(lengths[i]) :] for i in keep]
+        elif op == "step" and rows:
+            new = torch.randn(len(rows), 2, 1, 3, generator=g)
+            for layer in cache.cache.layers:
+                layer.update(new, -new)
+            cache.grew()
+            rows = [torch.cat([r, new[i]], 1) for i, r in enumerate(rows)]
+        elif op == "leave" and rows:
+            drop = torch.randperm(len(rows), generator=g)[
+                : int(torch.randint(1, len(rows) + 1, (), generator=g))
+            ]
+            order = cache.remove(drop.tolist())
+            rows = [rows[i] for i in order]
+            cache.trim(max((r.shape[1] for r in rows), default=0))
+        if rows:
+            assert cache.width == max(r.shape[1] for r in rows)
+            for layer in cache.cache.layers:
+                assert layer.keys.shape == (len(rows), 2, cache.width, 3) and layer.keys.isfinite().all()
+                for i, r in enumerate(rows):
+                    assert torch.equal(layer.keys[i, :, cache.width - r.shape[1] :], r)
+                    assert torch.equal(layer.values[i, :, cache.width - r.shape[1] :], -r)
+        else:
+            assert cache.cache is None and cache.width == 0

@@ -354,46 +354,58 @@ class _Row:
 
 
 class _BatchCache:
-    """The running rows' K/V: every layer ``(rows, heads, width, head_dim)``, left-padded (module
-    docstring). `cache` is the transformers `DynamicCache` handed to the model."""
+    """The running rows' K/V (module docstring): every layer's keys and values are ``(rows, heads,
+    width, head_dim)`` views of buffers with spare rows and columns; row i's tokens are its last
+    ``lengths[i]`` columns. `cache` is the transformers `DynamicCache` handed to the model.
 
-    def __init__(self):
+    Changes copy only what changed, when the buffers have room: a join writes the new rows below the
+    others (a wider newcomer widens the view to the left); a leave moves the last row into the hole
+    (so rows change order: `remove` says how); trimming moves the view's left edge. A join that does
+    not fit reallocates with spare room (rows: up to twice those needed, at most `max_rows`)."""
+
+    def __init__(self, max_rows: int):
         self.cache = None
-        self.width = 0
+        self.rows = self.width = 0
+        self.max_rows = max_rows
 
-    def merge(self, fresh, keep: list[int], lengths: list[int]) -> None:
-        """Adds rows `keep` of `fresh` (a prefill's DynamicCache, width = its input's) below the running
-        rows; `lengths`: tokens of each kept row."""
-        new = [(layer.keys, layer.values) for layer in fresh.layers]
-        new_width = new[0][0].shape[-2]
-        index = torch.tensor(keep, device=new[0][0].device)
-        trim = new_width - max(lengths)  # columns that are padding in every kept row
-        new = [(k[index, :, trim:], v[index, :, trim:]) for k, v in new]
-        new_width -= trim
+    def append(self, fresh, keep: list[int], lengths: list[int]) -> None:
+        """Adds rows `keep` of `fresh` (a prefill's DynamicCache, as wide as its input) after the running
+        rows; `lengths`: the tokens of each kept row."""
+        new_width = max(lengths)
+        index = torch.tensor(keep, device=fresh.layers[0].keys.device)
+        parts = [
+            (layer.keys[index, :, -new_width:], layer.values[index, :, -new_width:]) for layer in fresh.layers
+        ]
         if self.cache is None:
-            layers = [_KVLayer.packed([(k, 0)], [(v, 0)], new_width) for k, v in new]
-            self.cache, self.width = DynamicCache(), new_width
-            self.cache.layers = layers
-            return
-        width = max(self.width, new_width)
-        layers = []
-        for layer, (k, v) in zip(self.cache.layers, new):
-            keys = [(layer.keys, width - self.width), (k, width - new_width)]
-            values = [(layer.values, width - self.width), (v, width - new_width)]
-            layers.append(_KVLayer.packed(keys, values, width))
-        self.cache.layers, self.width = layers, width
+            self.cache = DynamicCache()
+            self.cache.layers = [_KVLayer() for _ in parts]
+        for layer, (k, v) in zip(self.cache.layers, parts):
+            layer.append(k, v, self.max_rows)
+        self.rows, self.width = self.rows + len(keep), max(self.width, new_width)
 
-    def select(self, keep: list[int], lengths: list[int]) -> None:
-        """Keeps rows `keep` (in that order) and drops the columns that are padding in all of them."""
-        if not keep:
+    def remove(self, drop: list[int]) -> list[int]:
+        """Removes rows `drop`; returns the old index of each remaining row, in its new order."""
+        order = list(range(self.rows))
+        for i in sorted(drop, reverse=True):
+            order[i] = order[-1]
+            order.pop()
+        for layer in self.cache.layers:
+            layer.remove(sorted(drop, reverse=True))
+        self.rows = len(order)
+        if not order:
             self.cache, self.width = None, 0
-            return
-        trim = self.width - max(lengths)
-        index = torch.tensor(keep, device=self.cache.layers[0].keys.device)
-        for i, layer in enumerate(self.cache.layers):
-            k, v = layer.keys[index, :, trim:], layer.values[index, :, trim:]
-            self.cache.layers[i] = _KVLayer.packed([(k, 0)], [(v, 0)], self.width - trim)
-        self.width -= trim
+        return order
+
+    def trim(self, width: int) -> None:
+        """Drops all but the last `width` columns (those that are padding in every row)."""
+        if self.cache is not None and width < self.width:
+            for layer in self.cache.layers:
+                layer.trim(self.width - width)
+            self.width = width
+
+    def grew(self) -> None:
+        """A decoding forward appended one column to every layer."""
+        self.width += 1
 
     def rollback(self) -> None:
         """Forgets columns that a failed forward appended to some layers."""
@@ -405,70 +417,86 @@ class _BatchCache:
         cache = DynamicCache()
         for layer in self.cache.layers:
             single = DynamicLayer()
-            single.update(
-                layer.keys[i : i + 1, :, self.width - length :],
-                layer.values[i : i + 1, :, self.width - length :],
-            )
+            single.update(layer.keys[i : i + 1, :, -length:], layer.values[i : i + 1, :, -length:])
             cache.layers.append(single)
         return cache
 
 
 class _KVLayer(DynamicLayer or object):
-    """A cache layer whose `keys`/`values` are views of the first `width` columns of buffers with spare
-    columns on the right, so `update` (one column per decoding step) writes in place."""
+    """One layer of `_BatchCache`: `keys`/`values` are the views ``[:rows, :, start:end]`` of buffers
+    ``(row capacity, heads, column capacity, head_dim)``, so `update` (one column per decoding step)
+    writes in place instead of concatenating the whole cache as `DynamicLayer` does. Columns outside a
+    row's tokens hold zeros or stale keys and values of earlier rows: finite, and masked out."""
 
-    @classmethod
-    def packed(cls, keys, values, width: int):
-        """A layer holding `keys` (a list of (tensor, left padding), stacked along the rows), each
-        right-aligned in `width` columns, zeros elsewhere; likewise `values`."""
-        layer = cls()
-        layer._k = _stack_padded(keys, width, _spare(width))
-        layer._v = _stack_padded(values, width, _spare(width))
-        layer.device = layer._k.device
-        layer.is_initialized = True
-        layer._width = width
-        layer._view()
-        return layer
+    def __init__(self):
+        super().__init__()
+        self._k = self._v = None
+        self._rows = self._start = self._end = 0
 
     def _view(self):
-        self.keys = self._k[:, :, : self._width]
-        self.values = self._v[:, :, : self._width]
+        self.keys = self._k[: self._rows, :, self._start : self._end]
+        self.values = self._v[: self._rows, :, self._start : self._end]
+
+    def _realloc(self, rows: int, width: int, max_rows: int, like_k, like_v):
+        """New buffers for `rows` rows of `width` columns (plus spare), the current rows copied in,
+        right-aligned at column `width`; the view becomes ``[:current rows, :, 0:width]``."""
+        row_cap = max(rows, min(max_rows, 2 * rows))
+        cols = width + _spare(width)
+        k = like_k.new_zeros((row_cap, like_k.shape[1], cols, like_k.shape[3]))
+        v = like_v.new_zeros((row_cap, like_v.shape[1], cols, like_v.shape[3]))
+        old = self._end - self._start
+        if self._rows:
+            k[: self._rows, :, width - old : width] = self.keys
+            v[: self._rows, :, width - old : width] = self.values
+        self._k, self._v, self._start, self._end = k, v, 0, width
+        self.device, self.is_initialized = k.device, True
+
+    def append(self, k, v, max_rows: int) -> None:
+        n, w = k.shape[0], k.shape[2]
+        width = max(w, self._end - self._start)
+        if self._k is None or self._rows + n > self._k.shape[0] or width > self._end:
+            self._realloc(self._rows + n, width, max_rows, k, v)
+        self._start = min(self._start, self._end - width)  # a wider newcomer widens the view leftwards
+        rows = slice(self._rows, self._rows + n)
+        self._k[rows, :, self._start : self._end - w] = 0
+        self._v[rows, :, self._start : self._end - w] = 0
+        self._k[rows, :, self._end - w : self._end] = k
+        self._v[rows, :, self._end - w : self._end] = v
+        self._rows += n
+        self._view()
+
+    def remove(self, drop_descending: list[int]) -> None:
+        cols = slice(self._start, self._end)
+        for i in drop_descending:
+            last = self._rows - 1
+            if i != last:
+                self._k[i, :, cols] = self._k[last, :, cols]
+                self._v[i, :, cols] = self._v[last, :, cols]
+            self._rows -= 1
+        self._view()
+
+    def trim(self, columns: int) -> None:
+        self._start += columns
+        self._view()
 
     def update(self, key_states, value_states, *args, **kwargs):
         n = key_states.shape[-2]
-        if self._width + n > self._k.shape[-2]:
-            grow = n + _spare(self._width + n)
-            self._k = torch.cat([self.keys, _columns(self._k, grow)], 2)
-            self._v = torch.cat([self.values, _columns(self._v, grow)], 2)
-        self._k[:, :, self._width : self._width + n] = key_states
-        self._v[:, :, self._width : self._width + n] = value_states
-        self._width += n
+        if self._end + n > self._k.shape[2]:
+            self._realloc(self._rows, self._end - self._start, self._k.shape[0], self._k, self._v)
+        self._k[: self._rows, :, self._end : self._end + n] = key_states
+        self._v[: self._rows, :, self._end : self._end + n] = value_states
+        self._end += n
         self._view()
         return self.keys, self.values
 
     def truncate(self, width: int) -> None:
-        """Forgets the columns after the first `width`."""
-        self._width = min(self._width, width)
+        """Keeps the first `width` columns of the view."""
+        self._end = min(self._end, self._start + width)
         self._view()
-
-
-def _columns(like: torch.Tensor, n: int) -> torch.Tensor:
-    return like.new_zeros((like.shape[0], like.shape[1], n, like.shape[3]))
 
 
 def _spare(width: int) -> int:
     return max(32, width // 4)
-
-
-def _stack_padded(parts, width: int, spare: int) -> torch.Tensor:
-    first = parts[0][0]
-    rows = sum(t.shape[0] for t, _ in parts)
-    out = first.new_zeros((rows, first.shape[1], width + spare, first.shape[3]))
-    r = 0
-    for t, pad in parts:
-        out[r : r + t.shape[0], :, pad:width] = t
-        r += t.shape[0]
-    return out
 
 
 # -- the engine -------------------------------------------------------------------------------------
@@ -524,7 +552,7 @@ class TextEngine:
         self._waiting: collections.deque[_Row] = collections.deque()
         self._rows: list[_Row] = []  # the running batch, in cache order (replaced, never mutated)
         self._admitting: list[_Row] = []  # taken from the queue, being prefilled
-        self._cache = _BatchCache()
+        self._cache = _BatchCache(self.max_batch)
         self._thread: threading.Thread | None = None
         self._closed = False
 
@@ -705,22 +733,23 @@ class TextEngine:
                 log.exception("text engine step failed")
                 for row in admitted + self._rows:  # (a finished handle ignores this)
                     row.handle._push(None, "error", f"internal error: {type(e).__name__}: {e}")
-                self._rows, self._cache, self._admitting = [], _BatchCache(), []
+                self._rows, self._cache, self._admitting = [], _BatchCache(self.max_batch), []
         return self._has_work()
 
     def _retire_cancelled(self) -> None:
-        keep = [i for i, row in enumerate(self._rows) if not row.handle._cancelled]
-        if len(keep) == len(self._rows):
-            return
-        for row in self._rows:
-            if row.handle._cancelled:
-                row.handle._push(None, "cancelled")
-        self._set_rows([self._rows[i] for i in keep], keep)
+        drop = [i for i, row in enumerate(self._rows) if row.handle._cancelled]
+        for i in drop:
+            self._rows[i].handle._push(None, "cancelled")
+        if drop:
+            self._drop_rows(drop)
 
-    def _set_rows(self, rows: list[_Row], keep: list[int]) -> None:
-        """The running batch becomes `rows` (= old rows `keep`); the cache follows."""
-        self._cache.select(keep, [row.length for row in rows])
-        self._rows = rows
+    def _drop_rows(self, drop: list[int]) -> None:
+        """Rows `drop` leave the running batch (the others may change order, as the cache's do) and the
+        columns that are padding in all remaining rows go."""
+        order = self._cache.remove(drop)
+        self._rows = [self._rows[i] for i in order]
+        if self._rows:
+            self._cache.trim(max(row.length for row in self._rows))
 
     def _admit(self) -> list[_Row]:
         admitted: list[_Row] = []
@@ -822,7 +851,7 @@ class TextEngine:
             tokens = self._sample(logits, group)
             keep = [i for i, (row, token) in enumerate(zip(group, tokens)) if not self._accept(row, token)]
             if keep:
-                self._cache.merge(cache, keep, [group[i].length for i in keep])
+                self._cache.append(cache, keep, [group[i].length for i in keep])
                 self._rows = self._rows + [group[i] for i in keep]
 
     def _decode(self) -> None:
@@ -836,14 +865,15 @@ class TextEngine:
         except Exception:
             self._cache.rollback()
             logits, ok = self._decode_alone(rows, ids, lengths, mixes)
-        self._cache.width += 1
+        self._cache.grew()
         for row in rows:
             row.length += 1
         tokens = self._sample(logits, [rows[i] for i in ok]) if ok else []
         finished = {i for i, token in zip(ok, tokens) if self._accept(rows[i], token)}
-        keep = [i for i in ok if i not in finished]
-        if len(keep) < len(rows):
-            self._set_rows([rows[i] for i in keep], keep)
+        ok_rows = set(ok)
+        drop = [i for i in range(len(rows)) if i in finished or i not in ok_rows]
+        if drop:
+            self._drop_rows(drop)
 
     def _decode_alone(self, rows, ids, lengths, mixes):
         """After a batched decoding forward raised: each row alone; rows that fail alone finish with an
