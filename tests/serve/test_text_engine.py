@@ -14,7 +14,7 @@ from loraforge import LoraConfig, LoraModel, get_lora_model
 from loraforge.bases import resolve_base
 from loraforge.errors import UserError
 from loraforge.runtime import load_text
-from loraforge.serve.text import EngineClosed, TextEngine, TextJob, _Detokenizer, _StopMatcher
+from loraforge.serve.text import EngineClosed, TextEngine, TextJob, _BatchCache, _Detokenizer, _StopMatcher
 
 BASE = resolve_base("tiny-llama")
 PROMPTS = [
@@ -238,9 +238,12 @@ def test_detokenizer_releases_whole_characters():
 
 def test_cancel_frees_a_slot_for_a_waiting_job(env):
     eng = engine(env, max_batch=2)
-    a, b, c = (eng.submit(TextJob(ids(env, i), "attn", max_tokens=30, temperature=0)) for i in range(3))
+    a, b, c, d = (eng.submit(TextJob(ids(env, i), "attn", max_tokens=30, temperature=0)) for i in range(4))
     eng.step()
-    assert eng.stats()["running"] == 2 and eng.stats()["waiting"] == 1
+    assert eng.stats()["running"] == 2 and eng.stats()["waiting"] == 2
+    d.cancel()  # waiting behind a full batch: leaves the queue at the next step
+    eng.step()
+    assert d.finish_reason == "cancelled" and d.token_ids == [] and eng.stats()["waiting"] == 1
     a.cancel()
     eng.step()
     assert a.finish_reason == "cancelled" and eng.stats()["running"] == 2 and eng.stats()["waiting"] == 0
@@ -310,6 +313,21 @@ def test_bad_jobs_fail_alone(env):
         assert [hs[0].token_ids, hs[2].token_ids] == [expected[0], expected[2]]
     finally:
         handle.remove()
+    # a token the tokenizer fails to decode fails that job only
+    bad = next(t for t in expected[0] if t not in expected[2] + good[2].prompt_ids)
+    tokenizer = env["rt"].tokenizer
+
+    class Picky:
+        pad_token_id = tokenizer.pad_token_id
+
+        def decode(self, ids, **kw):
+            if bad in ids:
+                raise ValueError("cannot decode")
+            return tokenizer.decode(ids, **kw)
+
+    hs = run(TextEngine(env["rt"].model, Picky()), [[good[0], good[2]]])
+    assert hs[0].finish_reason == "error" and "cannot decode" in hs[0].error
+    assert hs[1].token_ids == expected[2] and hs[1].finish_reason == "length"
     with pytest.raises(UserError, match="token ids"):
         eng.submit(TextJob([1, 10**6], (), 2))
     with pytest.raises(UserError, match="takes 256"):
@@ -346,3 +364,64 @@ def test_background_thread_sync_and_async_iteration_and_lock(env):
     finally:
         eng.stop()
     assert eng._thread is not None and not eng._thread.is_alive()
+
+
+def test_rows_leaving_trim_padding_columns(env):
+    eng = engine(env)
+    short, long = ids(env, 2), ids(env, 3)
+    assert len(long) > len(short) + 5
+    h = eng.submit(TextJob(short, "mlp", 5, temperature=0))
+    eng.step()
+    eng.submit(TextJob(long, "attn", 3, temperature=0))
+    eng.step()
+    assert eng.stats()["width"] == len(long) + 1  # the short row is left-padded to the long one
+    eng.step()  # the long row leaves: its padding columns go with it
+    assert eng.stats() == {"running": 1, "waiting": 0, "width": len(short) + 3}
+    while eng.step():
+        pass
+    assert h.token_ids == alone(env, TextJob(short, "mlp", 5, temperature=0))
+
+
+def test_batch_cache_keeps_each_rows_tokens_through_joins_leaves_and_growth():
+    from transformers import DynamicCache
+
+    g = torch.Generator().manual_seed(0)
+    cache, rows = _BatchCache(max_rows=7), []  # rows[i]: row i's keys (heads, tokens, dim); values = -keys
+    ops = ["join"] * 3 + ["step", "join", "leave", "step", "step", "leave", "join", "step"] * 12
+    for op in ops:
+        if op == "join" and len(rows) < 7:
+            lengths = torch.randint(
+                1, 50, (int(torch.randint(1, 8 - len(rows), (), generator=g)),), generator=g
+            )
+            width = int(lengths.max())
+            fresh = DynamicCache()
+            k = torch.randn(
+                len(lengths), 2, width, 3, generator=g
+            )  # padding holds garbage, as after a prefill
+            for layer in range(2):
+                fresh.update(k, -k, layer)
+            keep = sorted(torch.randperm(len(lengths), generator=g)[: max(1, len(lengths) - 1)].tolist())
+            cache.append(fresh, keep, [int(lengths[i]) for i in keep])
+            rows += [fresh.layers[0].keys[i, :, width - int(lengths[i]) :] for i in keep]
+        elif op == "step" and rows:
+            new = torch.randn(len(rows), 2, 1, 3, generator=g)
+            for layer in cache.cache.layers:
+                layer.update(new, -new)
+            cache.grew()
+            rows = [torch.cat([r, new[i]], 1) for i, r in enumerate(rows)]
+        elif op == "leave" and rows:
+            drop = torch.randperm(len(rows), generator=g)[
+                : int(torch.randint(1, len(rows) + 1, (), generator=g))
+            ]
+            order = cache.remove(drop.tolist())
+            rows = [rows[i] for i in order]
+            cache.trim(max((r.shape[1] for r in rows), default=0))
+        if rows:
+            assert cache.width == max(r.shape[1] for r in rows)
+            for layer in cache.cache.layers:
+                assert layer.keys.shape == (len(rows), 2, cache.width, 3) and layer.keys.isfinite().all()
+                for i, r in enumerate(rows):
+                    assert torch.equal(layer.keys[i, :, cache.width - r.shape[1] :], r)
+                    assert torch.equal(layer.values[i, :, cache.width - r.shape[1] :], -r)
+        else:
+            assert cache.cache is None and cache.width == 0

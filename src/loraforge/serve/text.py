@@ -124,7 +124,8 @@ class TextHandle:
     Iterate it (``for`` or ``async for``, one consumer) to receive `TextDelta` pieces; iteration ends
     when the job has finished. Leaving the iteration before that (``break``, a closed stream, a
     cancelled task) cancels the job. `text`, `token_ids`, `usage` accumulate whether or not anyone
-    iterates; `wait` blocks until the job is done."""
+    iterates; `wait` blocks until the job is done. `submitted_at`, `first_token_at`, `finished_at` are
+    `time.perf_counter()` readings."""
 
     def __init__(self, job: TextJob):
         self.job = job
@@ -138,6 +139,10 @@ class TextHandle:
         self._done = False
         self._cancelled = False
         self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
+        # time.perf_counter() readings, for latency figures
+        self.submitted_at = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
 
     @property
     def text(self) -> str:
@@ -206,12 +211,15 @@ class TextHandle:
             if self._done:
                 return
             if delta is not None and (delta.text or delta.token_ids):
+                if self.first_token_at is None:
+                    self.first_token_at = time.perf_counter()
                 self._pending.append(delta)
                 self._text.append(delta.text)
                 self.token_ids.extend(delta.token_ids)
                 self.usage.completion_tokens += len(delta.token_ids)
             if finish is not None:
                 self.finish_reason, self.error, self._done = finish, error, True
+                self.finished_at = time.perf_counter()
             self._cond.notify_all()
             waiters, self._async_waiters = self._async_waiters, []
         for loop, waiter in waiters:
@@ -346,46 +354,58 @@ class _Row:
 
 
 class _BatchCache:
-    """The running rows' K/V: every layer ``(rows, heads, width, head_dim)``, left-padded (module
-    docstring). `cache` is the transformers `DynamicCache` handed to the model."""
+    """The running rows' K/V (module docstring): every layer's keys and values are ``(rows, heads,
+    width, head_dim)`` views of buffers with spare rows and columns; row i's tokens are its last
+    ``lengths[i]`` columns. `cache` is the transformers `DynamicCache` handed to the model.
 
-    def __init__(self):
+    Changes copy only what changed, when the buffers have room: a join writes the new rows below the
+    others (a wider newcomer widens the view to the left); a leave moves the last row into the hole
+    (so rows change order: `remove` says how); trimming moves the view's left edge. A join that does
+    not fit reallocates with spare room (rows: up to twice those needed, at most `max_rows`)."""
+
+    def __init__(self, max_rows: int):
         self.cache = None
-        self.width = 0
+        self.rows = self.width = 0
+        self.max_rows = max_rows
 
-    def merge(self, fresh, keep: list[int], lengths: list[int]) -> None:
-        """Adds rows `keep` of `fresh` (a prefill's DynamicCache, width = its input's) below the running
-        rows; `lengths`: tokens of each kept row."""
-        new = [(layer.keys, layer.values) for layer in fresh.layers]
-        new_width = new[0][0].shape[-2]
-        index = torch.tensor(keep, device=new[0][0].device)
-        trim = new_width - max(lengths)  # columns that are padding in every kept row
-        new = [(k[index, :, trim:], v[index, :, trim:]) for k, v in new]
-        new_width -= trim
+    def append(self, fresh, keep: list[int], lengths: list[int]) -> None:
+        """Adds rows `keep` of `fresh` (a prefill's DynamicCache, as wide as its input) after the running
+        rows; `lengths`: the tokens of each kept row."""
+        new_width = max(lengths)
+        index = torch.tensor(keep, device=fresh.layers[0].keys.device)
+        parts = [
+            (layer.keys[index, :, -new_width:], layer.values[index, :, -new_width:]) for layer in fresh.layers
+        ]
         if self.cache is None:
-            layers = [_KVLayer.packed([(k, 0)], [(v, 0)], new_width) for k, v in new]
-            self.cache, self.width = DynamicCache(), new_width
-            self.cache.layers = layers
-            return
-        width = max(self.width, new_width)
-        layers = []
-        for layer, (k, v) in zip(self.cache.layers, new):
-            keys = [(layer.keys, width - self.width), (k, width - new_width)]
-            values = [(layer.values, width - self.width), (v, width - new_width)]
-            layers.append(_KVLayer.packed(keys, values, width))
-        self.cache.layers, self.width = layers, width
+            self.cache = DynamicCache()
+            self.cache.layers = [_KVLayer() for _ in parts]
+        for layer, (k, v) in zip(self.cache.layers, parts):
+            layer.append(k, v, self.max_rows)
+        self.rows, self.width = self.rows + len(keep), max(self.width, new_width)
 
-    def select(self, keep: list[int], lengths: list[int]) -> None:
-        """Keeps rows `keep` (in that order) and drops the columns that are padding in all of them."""
-        if not keep:
+    def remove(self, drop: list[int]) -> list[int]:
+        """Removes rows `drop`; returns the old index of each remaining row, in its new order."""
+        order = list(range(self.rows))
+        for i in sorted(drop, reverse=True):
+            order[i] = order[-1]
+            order.pop()
+        for layer in self.cache.layers:
+            layer.remove(sorted(drop, reverse=True))
+        self.rows = len(order)
+        if not order:
             self.cache, self.width = None, 0
-            return
-        trim = self.width - max(lengths)
-        index = torch.tensor(keep, device=self.cache.layers[0].keys.device)
-        for i, layer in enumerate(self.cache.layers):
-            k, v = layer.keys[index, :, trim:], layer.values[index, :, trim:]
-            self.cache.layers[i] = _KVLayer.packed([(k, 0)], [(v, 0)], self.width - trim)
-        self.width -= trim
+        return order
+
+    def trim(self, width: int) -> None:
+        """Drops all but the last `width` columns (those that are padding in every row)."""
+        if self.cache is not None and width < self.width:
+            for layer in self.cache.layers:
+                layer.trim(self.width - width)
+            self.width = width
+
+    def grew(self) -> None:
+        """A decoding forward appended one column to every layer."""
+        self.width += 1
 
     def rollback(self) -> None:
         """Forgets columns that a failed forward appended to some layers."""
@@ -397,70 +417,86 @@ class _BatchCache:
         cache = DynamicCache()
         for layer in self.cache.layers:
             single = DynamicLayer()
-            single.update(
-                layer.keys[i : i + 1, :, self.width - length :],
-                layer.values[i : i + 1, :, self.width - length :],
-            )
+            single.update(layer.keys[i : i + 1, :, -length:], layer.values[i : i + 1, :, -length:])
             cache.layers.append(single)
         return cache
 
 
 class _KVLayer(DynamicLayer or object):
-    """A cache layer whose `keys`/`values` are views of the first `width` columns of buffers with spare
-    columns on the right, so `update` (one column per decoding step) writes in place."""
+    """One layer of `_BatchCache`: `keys`/`values` are the views ``[:rows, :, start:end]`` of buffers
+    ``(row capacity, heads, column capacity, head_dim)``, so `update` (one column per decoding step)
+    writes in place instead of concatenating the whole cache as `DynamicLayer` does. Columns outside a
+    row's tokens hold zeros or stale keys and values of earlier rows: finite, and masked out."""
 
-    @classmethod
-    def packed(cls, keys, values, width: int):
-        """A layer holding `keys` (a list of (tensor, left padding), stacked along the rows), each
-        right-aligned in `width` columns, zeros elsewhere; likewise `values`."""
-        layer = cls()
-        layer._k = _stack_padded(keys, width, _spare(width))
-        layer._v = _stack_padded(values, width, _spare(width))
-        layer.device = layer._k.device
-        layer.is_initialized = True
-        layer._width = width
-        layer._view()
-        return layer
+    def __init__(self):
+        super().__init__()
+        self._k = self._v = None
+        self._rows = self._start = self._end = 0
 
     def _view(self):
-        self.keys = self._k[:, :, : self._width]
-        self.values = self._v[:, :, : self._width]
+        self.keys = self._k[: self._rows, :, self._start : self._end]
+        self.values = self._v[: self._rows, :, self._start : self._end]
+
+    def _realloc(self, rows: int, width: int, max_rows: int, like_k, like_v):
+        """New buffers for `rows` rows of `width` columns (plus spare), the current rows copied in,
+        right-aligned at column `width`; the view becomes ``[:current rows, :, 0:width]``."""
+        row_cap = max(rows, min(max_rows, 2 * rows))
+        cols = width + _spare(width)
+        k = like_k.new_zeros((row_cap, like_k.shape[1], cols, like_k.shape[3]))
+        v = like_v.new_zeros((row_cap, like_v.shape[1], cols, like_v.shape[3]))
+        old = self._end - self._start
+        if self._rows:
+            k[: self._rows, :, width - old : width] = self.keys
+            v[: self._rows, :, width - old : width] = self.values
+        self._k, self._v, self._start, self._end = k, v, 0, width
+        self.device, self.is_initialized = k.device, True
+
+    def append(self, k, v, max_rows: int) -> None:
+        n, w = k.shape[0], k.shape[2]
+        width = max(w, self._end - self._start)
+        if self._k is None or self._rows + n > self._k.shape[0] or width > self._end:
+            self._realloc(self._rows + n, width, max_rows, k, v)
+        self._start = min(self._start, self._end - width)  # a wider newcomer widens the view leftwards
+        rows = slice(self._rows, self._rows + n)
+        self._k[rows, :, self._start : self._end - w] = 0
+        self._v[rows, :, self._start : self._end - w] = 0
+        self._k[rows, :, self._end - w : self._end] = k
+        self._v[rows, :, self._end - w : self._end] = v
+        self._rows += n
+        self._view()
+
+    def remove(self, drop_descending: list[int]) -> None:
+        cols = slice(self._start, self._end)
+        for i in drop_descending:
+            last = self._rows - 1
+            if i != last:
+                self._k[i, :, cols] = self._k[last, :, cols]
+                self._v[i, :, cols] = self._v[last, :, cols]
+            self._rows -= 1
+        self._view()
+
+    def trim(self, columns: int) -> None:
+        self._start += columns
+        self._view()
 
     def update(self, key_states, value_states, *args, **kwargs):
         n = key_states.shape[-2]
-        if self._width + n > self._k.shape[-2]:
-            grow = n + _spare(self._width + n)
-            self._k = torch.cat([self.keys, _columns(self._k, grow)], 2)
-            self._v = torch.cat([self.values, _columns(self._v, grow)], 2)
-        self._k[:, :, self._width : self._width + n] = key_states
-        self._v[:, :, self._width : self._width + n] = value_states
-        self._width += n
+        if self._end + n > self._k.shape[2]:
+            self._realloc(self._rows, self._end - self._start, self._k.shape[0], self._k, self._v)
+        self._k[: self._rows, :, self._end : self._end + n] = key_states
+        self._v[: self._rows, :, self._end : self._end + n] = value_states
+        self._end += n
         self._view()
         return self.keys, self.values
 
     def truncate(self, width: int) -> None:
-        """Forgets the columns after the first `width`."""
-        self._width = min(self._width, width)
+        """Keeps the first `width` columns of the view."""
+        self._end = min(self._end, self._start + width)
         self._view()
-
-
-def _columns(like: torch.Tensor, n: int) -> torch.Tensor:
-    return like.new_zeros((like.shape[0], like.shape[1], n, like.shape[3]))
 
 
 def _spare(width: int) -> int:
     return max(32, width // 4)
-
-
-def _stack_padded(parts, width: int, spare: int) -> torch.Tensor:
-    first = parts[0][0]
-    rows = sum(t.shape[0] for t, _ in parts)
-    out = first.new_zeros((rows, first.shape[1], width + spare, first.shape[3]))
-    r = 0
-    for t, pad in parts:
-        out[r : r + t.shape[0], :, pad:width] = t
-        r += t.shape[0]
-    return out
 
 
 # -- the engine -------------------------------------------------------------------------------------
@@ -476,6 +512,11 @@ class TextEngine:
         max_loras: distinct adapters in the running batch at most.
         max_prefill_tokens: padded prompt tokens (rows x longest prompt) one prefill forward takes at
             most (one prompt always fits); further jobs join at the next step.
+
+    Attributes:
+        lock: held during every step (acquire/release/``with``, re-entrant, like `threading.RLock`);
+            hold it to add or delete adapters, and no step runs meanwhile.
+        eos_token_ids: what to pass as `TextJob.stop_token_ids` to stop at the model's end of text.
     """
 
     def __init__(
@@ -503,13 +544,15 @@ class TextEngine:
         self.max_length = getattr(config, "max_position_embeddings", None)  # positions the model has
         params = inspect.signature(model.model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._positions = "position_ids" in params  # (models without them derive positions from the mask)
         self._keep_kw = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
         self._pad_id = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
         self.device = next(model.parameters()).device
         self._cv = threading.Condition()
         self._waiting: collections.deque[_Row] = collections.deque()
         self._rows: list[_Row] = []  # the running batch, in cache order (replaced, never mutated)
-        self._cache = _BatchCache()
+        self._admitting: list[_Row] = []  # taken from the queue, being prefilled
+        self._cache = _BatchCache(self.max_batch)
         self._thread: threading.Thread | None = None
         self._closed = False
 
@@ -579,9 +622,10 @@ class TextEngine:
         return row.handle
 
     def adapters_in_use(self) -> set[str]:
-        """Adapters named by waiting or running jobs: not to be deleted or evicted now."""
+        """Adapters named by waiting or running jobs: not to be deleted or evicted now. Ask while
+        holding `lock` when acting on the answer (deleting adapters), so no step runs in between."""
         with self._cv:
-            rows = [*self._waiting, *self._rows]
+            rows = [*self._waiting, *self._admitting, *self._rows]
         return {name for row in rows for name in row.names}
 
     def stats(self) -> dict:
@@ -682,28 +726,30 @@ class TextEngine:
                 admitted = self._admit()
                 if admitted:
                     self._prefill(admitted)
+                    self._admitting = []
                 if self._rows:
                     self._decode()
             except Exception as e:  # a bug: keep serving, but these rows' state is unknown
                 log.exception("text engine step failed")
                 for row in admitted + self._rows:  # (a finished handle ignores this)
                     row.handle._push(None, "error", f"internal error: {type(e).__name__}: {e}")
-                self._rows, self._cache = [], _BatchCache()
+                self._rows, self._cache, self._admitting = [], _BatchCache(self.max_batch), []
         return self._has_work()
 
     def _retire_cancelled(self) -> None:
-        keep = [i for i, row in enumerate(self._rows) if not row.handle._cancelled]
-        if len(keep) == len(self._rows):
-            return
-        for row in self._rows:
-            if row.handle._cancelled:
-                row.handle._push(None, "cancelled")
-        self._set_rows([self._rows[i] for i in keep], keep)
+        drop = [i for i, row in enumerate(self._rows) if row.handle._cancelled]
+        for i in drop:
+            self._rows[i].handle._push(None, "cancelled")
+        if drop:
+            self._drop_rows(drop)
 
-    def _set_rows(self, rows: list[_Row], keep: list[int]) -> None:
-        """The running batch becomes `rows` (= old rows `keep`); the cache follows."""
-        self._cache.select(keep, [row.length for row in rows])
-        self._rows = rows
+    def _drop_rows(self, drop: list[int]) -> None:
+        """Rows `drop` leave the running batch (the others may change order, as the cache's do) and the
+        columns that are padding in all remaining rows go."""
+        order = self._cache.remove(drop)
+        self._rows = [self._rows[i] for i in order]
+        if self._rows:
+            self._cache.trim(max(row.length for row in self._rows))
 
     def _admit(self) -> list[_Row]:
         admitted: list[_Row] = []
@@ -712,11 +758,11 @@ class TextEngine:
         waiting_for: frozenset | None = None  # adapters of the first job blocked by max_loras
         longest = 0
         with self._cv:
-            for row in list(self._waiting):
-                if row.handle._cancelled:
+            if any(row.handle._cancelled for row in self._waiting):
+                for row in [row for row in self._waiting if row.handle._cancelled]:
                     self._waiting.remove(row)
                     row.handle._push(None, "cancelled")
-                    continue
+            for row in list(self._waiting):
                 if free == 0:
                     break
                 problem = self._adapter_problem(row)
@@ -734,6 +780,7 @@ class TextEngine:
                     break
                 self._waiting.remove(row)
                 admitted.append(row)
+                self._admitting = admitted
                 in_use |= row.names
                 free -= 1
                 longest = max(longest, n)
@@ -761,10 +808,11 @@ class TextEngine:
         kwargs = {
             "input_ids": ids.to(self.device),
             "attention_mask": mask,
-            "position_ids": positions,
             self._cache_kw: cache,
             "use_cache": True,
         }
+        if self._positions:
+            kwargs["position_ids"] = positions
         if self._keep_kw:
             kwargs[self._keep_kw] = 1
         if all(not mix for mix in mixes):
@@ -803,7 +851,7 @@ class TextEngine:
             tokens = self._sample(logits, group)
             keep = [i for i, (row, token) in enumerate(zip(group, tokens)) if not self._accept(row, token)]
             if keep:
-                self._cache.merge(cache, keep, [group[i].length for i in keep])
+                self._cache.append(cache, keep, [group[i].length for i in keep])
                 self._rows = self._rows + [group[i] for i in keep]
 
     def _decode(self) -> None:
@@ -817,14 +865,15 @@ class TextEngine:
         except Exception:
             self._cache.rollback()
             logits, ok = self._decode_alone(rows, ids, lengths, mixes)
-        self._cache.width += 1
+        self._cache.grew()
         for row in rows:
             row.length += 1
         tokens = self._sample(logits, [rows[i] for i in ok]) if ok else []
         finished = {i for i, token in zip(ok, tokens) if self._accept(rows[i], token)}
-        keep = [i for i in ok if i not in finished]
-        if len(keep) < len(rows):
-            self._set_rows([rows[i] for i in keep], keep)
+        ok_rows = set(ok)
+        drop = [i for i in range(len(rows)) if i in finished or i not in ok_rows]
+        if drop:
+            self._drop_rows(drop)
 
     def _decode_alone(self, rows, ids, lengths, mixes):
         """After a batched decoding forward raised: each row alone; rows that fail alone finish with an
@@ -875,7 +924,14 @@ class TextEngine:
 
     def _accept(self, row: _Row, token: int) -> bool:
         """Takes `token` as the row's next: releases its text, checks the stop conditions; True if the
-        job has finished."""
+        job has finished (a token the tokenizer cannot decode fails this job only)."""
+        try:
+            return self._take(row, token)
+        except Exception as e:
+            self._fail(row, e)
+            return True
+
+    def _take(self, row: _Row, token: int) -> bool:
         row.generated, row.pending = row.generated + 1, token
         reason, text = None, ""
         if token in row.stop_ids:
