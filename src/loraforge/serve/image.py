@@ -253,8 +253,9 @@ class ImageEngine:
         return self
 
     def stop(self, drain: bool = True, timeout: float | None = None) -> None:
-        """Stops taking jobs. `drain`: finish every job already submitted; otherwise fail the waiting
-        ones (the running batch still finishes). Returns when the worker has ended."""
+        """Stops taking jobs. `drain`: finish every job already submitted; otherwise (or if the engine was
+        never started) fail the waiting ones with EngineStopped. The running batch always finishes.
+        Returns when the worker has ended (or after `timeout` seconds)."""
         with self._cv:
             self._stopping = True
             if not drain or self._thread is None:
