@@ -253,8 +253,9 @@ class ImageEngine:
         return self
 
     def stop(self, drain: bool = True, timeout: float | None = None) -> None:
-        """Stops taking jobs. `drain`: finish every job already submitted; otherwise fail the waiting
-        ones (the running batch still finishes). Returns when the worker has ended."""
+        """Stops taking jobs. `drain`: finish every job already submitted; otherwise (or if the engine was
+        never started) fail the waiting ones with EngineStopped. The running batch always finishes.
+        Returns when the worker has ended (or after `timeout` seconds)."""
         with self._cv:
             self._stopping = True
             if not drain or self._thread is None:
@@ -280,7 +281,8 @@ class ImageEngine:
     def adapters_in_use(self) -> set[str]:
         """Adapters named by waiting or running jobs (not to be unloaded or evicted now)."""
         with self._cv:
-            return {name for item in self._queue + self._running for name, _ in item.handle.mix}
+            items = self._queue + self._running
+            return {name for item in items if not item.handle.done() for name, _ in item.handle.mix}
 
     def load(self, name: str, path: str | Path):
         """Loads an image adapter (diffusers, kohya or cloneofsimo files; a store CID) as `name`.
@@ -497,6 +499,7 @@ class ImageEngine:
         jobs = _handles(items)
         first = items[0].handle
         width, height, steps = first.width, first.height, first.job.steps
+        self.batches.append((len(jobs), len(items), sum(i.rows for i in items)))
         text = self._encode(jobs, device)
 
         scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
@@ -543,7 +546,6 @@ class ImageEngine:
             kwargs["timestep_cond"] = pipe.get_guidance_scale_embedding(
                 w, embedding_dim=pipe.unet.config.time_cond_proj_dim
             ).to(device=device, dtype=latents.dtype)
-        self.batches.append((len(jobs), len(items), len(mixes)))
 
         step_args = set(inspect.signature(scheduler.step).parameters)
         extra = {}
