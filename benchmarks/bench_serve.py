@@ -348,8 +348,8 @@ def text_tables(args, work: Path) -> None:
                 completion(lambda rng: rng.choice(eight), args),
             ),
         }
-        for port, body in contenders.values():  # warm-up: every adapter loaded, every path run once
-            load(port, "/v1/completions", body, min(args.clients, 8), 0.5)
+        for port, body in contenders.values():  # warm-up: every adapter loaded, batches at full size
+            load(port, "/v1/completions", body, args.clients, 1.0)
         runs: dict[str, list] = {name: [] for name in contenders}
         order = list(contenders)
         for r in range(args.rounds):
@@ -368,17 +368,17 @@ def text_tables(args, work: Path) -> None:
             f"\nratios (tokens/s): 8 mixed / 1 adapter = {mixed / single:.2f}x (target >= 0.8), "
             f"8 mixed / base = {mixed / base:.2f}x (target >= 0.9), 8 mixed / swap = {mixed / swap:.2f}x (target >= 3)\n"
         )
-        many = {}
-        for count in args.adapter_counts:
-            pool = names[:count]
-            body = completion(lambda rng, pool=pool: rng.choice(pool), args)
-            load(lf.port, "/v1/completions", body, min(args.many_clients, 8), 0.5)  # first loads
-            many[f"{count} adapters"] = median_row(
-                [
-                    load(lf.port, "/v1/completions", body, args.many_clients, args.duration)
-                    for _ in range(args.rounds)
-                ]
-            )
+        bodies = {
+            f"{n} adapters": completion(lambda rng, pool=names[:n]: rng.choice(pool), args)
+            for n in args.adapter_counts
+        }
+        for body in bodies.values():  # first loads of every adapter, batches at full size
+            load(lf.port, "/v1/completions", body, args.many_clients, 1.0)
+        many = {name: [] for name in bodies}
+        for _ in range(args.rounds):
+            for name, body in bodies.items():
+                many[name].append(load(lf.port, "/v1/completions", body, args.many_clients, args.duration))
+        many = {name: median_row(runs) for name, runs in many.items()}
         print(
             table(
                 many,

@@ -455,3 +455,34 @@ def test_loraforge_serve_command_and_graceful_shutdown(adapters):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_command_line_settings(monkeypatch, tmp_path):
+    import argparse
+
+    from loraforge.cli import dash_spellings
+    from loraforge.serve.app import ServeSettings, add_arguments, settings_from_args
+
+    parser = argparse.ArgumentParser(allow_abbrev=False)
+    add_arguments(parser)
+    argv = [
+        "--adapter",
+        "style=runs/x",
+        "--adapter",
+        f"{tmp_path}/tone/",
+        "--max_loras",
+        "4",
+        "--adapters",
+        "dir",
+    ]
+    args = parser.parse_args(dash_spellings(parser, argv))
+    settings = settings_from_args(args)
+    assert settings.adapters == {"style": "runs/x", "tone": f"{tmp_path}/tone/"}
+    assert settings.max_loras == 4 and settings.adapters_dir == "dir"
+    assert args.host == "127.0.0.1"  # this machine only, unless told otherwise
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--max-n", "0"])
+    monkeypatch.setenv("LORAFORGE_API_KEY", "from-env")
+    assert ServeSettings().token() == "from-env" and ServeSettings(api_key="flag").token() == "flag"
+    monkeypatch.delenv("LORAFORGE_API_KEY")
+    assert ServeSettings().token() is None

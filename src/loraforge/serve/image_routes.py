@@ -99,8 +99,12 @@ class ImageRoutes(Service):
             handle.cancel()
             result.cancel()
             raise APIError(499, "client disconnected")
+        from loraforge.serve.image import EngineStopped
+
         try:
             return result.result()
+        except EngineStopped:
+            raise APIError(503, "the server is shutting down", code="shutting_down") from None
         except UserError as e:
             raise APIError(400, str(e)) from None
         except Exception as e:  # noqa: BLE001 - the job failed; the server goes on

@@ -95,7 +95,7 @@ class TextRoutes(Service):
     # -- running -----------------------------------------------------------------------------------
 
     async def complete(self, request, r, prompt_ids: list[list[int]], chat: bool):
-        from loraforge.serve.text import TextJob
+        from loraforge.serve.text import EngineClosed, TextJob
 
         if r.n > self.settings.max_n:
             raise APIError(400, f"n is {r.n}; this server allows at most {self.settings.max_n}", "n")
@@ -125,6 +125,9 @@ class TextRoutes(Service):
                     stop_ids = set() if r.ignore_eos else set(self.stop_ids)
                     job = TextJob(ids, mix, max_tokens, temperature, top_p, seed, stop, stop_ids)
                     handles.append(self.engine.submit(job))
+        except EngineClosed:
+            close()
+            raise APIError(503, "the server is shutting down", code="shutting_down") from None
         except BaseException:
             close()
             raise
