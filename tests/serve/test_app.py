@@ -194,6 +194,7 @@ def test_stop_seed_and_n(server):
         ("/v1/completions", {"prompt": "x", "n": 9}, 400, "n"),
         ("/v1/completions", {"prompt": "x", "max_tokens": 500}, 400, "max_tokens"),
         ("/v1/completions", {"prompt": 5}, 400, "prompt"),
+        ("/v1/completions", {"prompt": ["x"] * 20, "n": 2}, 400, "prompt"),
         ("/v1/completions", {"prompt": "x", "stream": "yes"}, 400, "stream"),
         ("/v1/completions", {"prompt": "x", "logprobs": 3}, 400, "logprobs"),
         ("/v1/completions", {"prompt": "x " * 300}, 400, "prompt"),
@@ -251,6 +252,10 @@ def test_adapters_loaded_and_unloaded_at_run_time(server, adapters, tmp_path):
     assert status == 200
     assert call(url, "/v1/completions", {"model": "late", "prompt": "x"})[0] == 404
     assert call(url, "/v1/unload_lora_adapter", {"lora_name": "late"})[0] == 404
+    status, body = call(
+        url, "/v1/load_lora_adapter", {"lora_name": "tiny-llama", "lora_path": str(adapters["a"])}
+    )
+    assert status == 400 and "base model's name" in body["error"]["message"]
     status, body = call(url, "/v1/load_lora_adapter", {"lora_name": "d", "lora_path": str(adapters["dora"])})
     assert status == 400 and "DoRA" in body["error"]["message"]
     other = tmp_path / "other"

@@ -52,6 +52,8 @@ class AdapterRegistry:
             raise UserError(
                 f"invalid adapter name {name!r}: a non-empty name without dots, slashes or edge spaces"
             )
+        if name == getattr(self.host, "base", None):
+            raise UserError(f"invalid adapter name {name!r}: it is the base model's name")
         with self._cond:
             old = self._sources.get(name)
         if old is not None:

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from loraforge.serve import mixes
 from loraforge.serve.openai import APIError
+from loraforge.serve.registry import Lease
 
 
 class Service:
@@ -59,6 +60,8 @@ class Service:
     async def lease(self, model, adapters, extra: mixes.Mix = ()):
         """(Mix, Lease) with the mix's adapters loaded and pinned."""
         mix = await self.run(self.loader, self.selection, model, adapters, extra)
+        if not mix:
+            return mix, Lease(self.registry, [])
         lease = await self.run(self.loader, self.registry.acquire, [n for n, _ in mix])
         return mix, lease
 

@@ -99,6 +99,13 @@ class TextRoutes(Service):
 
         if r.n > self.settings.max_n:
             raise APIError(400, f"n is {r.n}; this server allows at most {self.settings.max_n}", "n")
+        if len(prompt_ids) * r.n > self.settings.max_batch:
+            raise APIError(
+                400,
+                f"{len(prompt_ids)} prompts x n={r.n} choices: this server runs at most "
+                f"{self.settings.max_batch} sequences for one request (--max-batch)",
+                "prompt",
+            )
         max_tokens = self.max_tokens(r, max(len(p) for p in prompt_ids), chat)
         stop = stop_strings(r.stop)
         temperature = 1.0 if r.temperature is None else r.temperature
