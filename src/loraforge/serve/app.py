@@ -25,8 +25,6 @@ from pathlib import Path
 from loraforge import flags
 from loraforge.errors import IncompatibleAdapter, NotFound, UserError
 from loraforge.serve import mixes
-from loraforge.serve.openai import APIError
-from loraforge.serve.service import Service
 
 log = logging.getLogger("loraforge.serve")
 PLAYGROUND = Path(__file__).with_name("playground.html")
@@ -83,8 +81,17 @@ def base_kind(base: str) -> str:
         return "text"
 
 
-def build(settings: ServeSettings) -> Service:
-    """Loads the base, starts nothing yet, registers the adapters."""
+def require_server_packages() -> None:
+    """UserError naming the extra to install when FastAPI or uvicorn is missing."""
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise UserError(f"loraforge serve needs {e.name}: pip install 'loraforge[serve]'") from None
+
+
+def build(settings: ServeSettings):
+    """The routes' `Service`: loads the base, registers the adapters; starts nothing yet."""
     import torch
 
     from loraforge.serve.registry import AdapterRegistry, ImageHost, TextHost
@@ -133,15 +140,17 @@ def build(settings: ServeSettings) -> Service:
     return ImageRoutes(settings, registry, engine, kind, pipe)
 
 
-def create_app(settings: ServeSettings | None = None, service: Service | None = None, **kwargs):
+def create_app(settings: ServeSettings | None = None, service=None, **kwargs):
     """The FastAPI app: `create_app(base="tiny-llama", adapters={"a": "path"}, api_key="k")` (keywords
-    are `ServeSettings` fields). The engine starts with the app and drains when it shuts down."""
+    are `ServeSettings` fields; `service`: a `Service` already built). The engine starts with the app
+    and drains when it shuts down."""
+    require_server_packages()
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Request
     from fastapi.responses import FileResponse
 
-    from loraforge.serve.openai import Guard, LoadRequest, UnloadRequest, decode_json, parse
+    from loraforge.serve.openai import APIError, Guard, LoadRequest, UnloadRequest, decode_json, parse
 
     settings = settings or ServeSettings(**kwargs)
     service = service or build(settings)
