@@ -83,6 +83,19 @@ def test_never_evicts_pinned_or_running_adapters(fake):
     got[0].release()
 
 
+def test_try_acquire_pins_only_what_is_loaded_without_waiting(fake):
+    registry, host = fake
+    assert registry.try_acquire(["a"]) is None and host.loaded == []  # never loads
+    registry.ensure_loaded(["a", "b"])
+    lease = registry.try_acquire(["a"])
+    assert lease is not None and registry.loaded() == ["b", "a"]  # used: most recent
+    with pytest.raises(TimeoutError):
+        registry.acquire(["c", "d"], timeout=0.1)  # a is pinned: only one slot can be freed
+    lease.release()
+    registry.ensure_loaded(["c", "d"])
+    assert sorted(host.loaded) == ["c", "d"]
+
+
 def test_a_request_needs_all_its_adapters_at_once(fake):
     registry, host = fake
     with registry.acquire(["a", "b"]):

@@ -170,6 +170,22 @@ class AdapterRegistry:
             self._cond.notify_all()
         return Lease(self, names)
 
+    def try_acquire(self, names) -> Lease | None:
+        """`acquire` without waiting or loading: a Lease if every name is loaded now (and the registry's
+        lock is free), else None. Lets the event loop skip a thread hop on the common path."""
+        names = list(dict.fromkeys(names))
+        if not self._cond.acquire(blocking=False):
+            return None
+        try:
+            if not all(n in self._loaded and n in self._sources for n in names):
+                return None
+            self._pins.update(names)
+            for name in names:
+                self._loaded.move_to_end(name)
+        finally:
+            self._cond.release()
+        return Lease(self, names)
+
     def ensure_loaded(self, names) -> None:
         """Loads `names` now (as `acquire`, without keeping them pinned)."""
         self.acquire(names).release()

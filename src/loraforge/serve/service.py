@@ -11,7 +11,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 from loraforge.serve import mixes
 from loraforge.serve.openai import APIError
-from loraforge.serve.registry import Lease
 
 
 class Service:
@@ -41,8 +40,11 @@ class Service:
 
     # -- adapter selections ------------------------------------------------------------------------
 
-    def selection(self, model: str | None, adapters, extra: mixes.Mix = ()) -> mixes.Mix:
-        """The request's Mix (blocking: may register a store CID). 404 for an unknown name."""
+    def selection(
+        self, model: str | None, adapters, extra: mixes.Mix = (), register: bool = True
+    ) -> mixes.Mix:
+        """The request's Mix; 404 (UnknownAdapter) for a name not registered. With `register` a store
+        CID is registered on first use (blocking: it may copy it out of the store)."""
         mix = mixes.combine(
             () if model is None else mixes.parse_model(model, self.registry, {self.base}),
             mixes.parse_adapters(adapters),
@@ -54,15 +56,25 @@ class Service:
                 f"a request may combine at most {self.settings.max_loras} adapters (--max-loras)",
                 "model",
             )
-        mixes.check_known(mix, self.registry.knows, self.registry.names)
+        known = self.registry.knows if register else self.registry.__contains__
+        mixes.check_known(mix, known, self.registry.names)
         return mix
 
     async def lease(self, model, adapters, extra: mixes.Mix = ()):
-        """(Mix, Lease) with the mix's adapters loaded and pinned."""
-        mix = await self.run(self.loader, self.selection, model, adapters, extra)
-        if not mix:
-            return mix, Lease(self.registry, [])
-        lease = await self.run(self.loader, self.registry.acquire, [n for n, _ in mix])
+        """(Mix, Lease) with the mix's adapters loaded and pinned. Registered, loaded adapters are
+        pinned right here; a store CID seen for the first time, or an adapter to load, go to a thread."""
+        from loraforge.jobs.cid import is_cid
+
+        try:
+            mix = self.selection(model, adapters, extra, register=False)
+        except mixes.UnknownAdapter as e:
+            if not is_cid(e.name):
+                raise
+            mix = await self.run(self.loader, self.selection, model, adapters, extra)
+        names = [n for n, _ in mix]
+        lease = self.registry.try_acquire(names)
+        if lease is None:
+            lease = await self.run(self.loader, self.registry.acquire, names)
         return mix, lease
 
     def add_routes(self, app, body) -> None:
