@@ -124,6 +124,23 @@ def test_greedy_completions_match_generation_alone(server):
     assert same["choices"][0]["text"] == texts["a:0.7+b:0.3"]
 
 
+def test_an_adapter_served_matches_peft(server, adapters):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from loraforge.bases import resolve_base
+
+    url, service = server
+    tok = service.tokenizer
+    model = AutoModelForCausalLM.from_pretrained(resolve_base("tiny-llama")).eval()
+    peft = PeftModel.from_pretrained(model, str(adapters["head"]))  # LoRA on q/v + a trained lm_head
+    ids = torch.tensor([tok(PROMPT)["input_ids"]])
+    with torch.no_grad():
+        out = peft.generate(input_ids=ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    expected = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    assert complete(url, "head", max_tokens=12, ignore_eos=True)["choices"][0]["text"] == expected
+
+
 def test_streaming_gives_the_same_text_and_openai_chunks(server):
     url, _ = server
     whole = complete(url, "a", max_tokens=20)["choices"][0]

@@ -10,6 +10,13 @@ base, an adapter or a mix ``"a:0.7+b:0.3"`` (see `loraforge.serve.mixes`); reque
 adapters and mixes run in the same batch. Chat prompts use the tokenizer's chat template; a tokenizer
 without one gets loraforge's plain format (``<|role|>\\ncontent\\n`` per message, then
 ``<|assistant|>\\n``), the one `loraforge train` uses for chat data without a template.
+
+Beyond OpenAI's fields: ``adapters: [{"name", "weight"}]`` (text and images), ``ignore_eos`` (text:
+always ``max_tokens`` tokens, as vLLM's), and for images ``negative_prompt``, ``seed``, ``steps``,
+``guidance`` and ``<lora:name:weight>`` in the prompt. OpenAI options not implemented (logprobs,
+penalties, tools, ...) are refused when set, never ignored. Errors are OpenAI's JSON: 400 naming the
+field, 401 token, 404 unknown adapter (listing the known ones), 413 body too large, 503 busy or
+shutting down. SIGINT / SIGTERM stop taking connections, finish the running requests, then exit.
 """
 
 import argparse
