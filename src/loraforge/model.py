@@ -121,7 +121,9 @@ class LoraModel(nn.Module):
                     raise UserError(dora_mixed_error(name))
         if any(layer.merged for layer in self.lora_layers()):
             raise RuntimeError("mixed-batch inference needs unmerged adapters; call unmerge_adapter() first")
-        slots = list(dict.fromkeys(rows))  # distinct mixes in order of first use
+        # Distinct mixes in a fixed order, so that rows moving around (a server's batch as sequences
+        # join and leave) keep the layers' cached stacked weights valid.
+        slots = sorted(set(rows))
         device = next(self.model.parameters()).device
         index = torch.tensor([slots.index(mix) for mix in rows], device=device)
         parts = self.lora_layers() + self._trainable_copies()
