@@ -593,7 +593,7 @@ class TextEngine:
         with self._cv:
             self._closed = True
             if not drain:
-                for row in [*self._waiting, *self._rows]:
+                for row in [*self._waiting, *self._admitting, *self._rows]:
                     row.handle.cancel()
             self._cv.notify_all()
             thread = self._thread
