@@ -425,3 +425,35 @@ def test_batch_cache_keeps_each_rows_tokens_through_joins_leaves_and_growth():
                     assert torch.equal(layer.values[i, :, cache.width - r.shape[1] :], -r)
         else:
             assert cache.cache is None and cache.width == 0
+
+
+def test_many_threads_submitting_and_cancelling(env):
+    """Jobs from several threads at once, a third of them cancelled at random points: every other
+    job ends with exactly the tokens it gets alone, and the engine ends empty."""
+    mixes = ["attn", (), "mlp", (("attn", 0.5), ("emb", 0.5)), "head"]
+    combos = [(i % 4, mixes[i % 5], 3 + i % 4) for i in range(30)]
+    expected = {c: alone(env, TextJob(ids(env, c[0]), c[1], c[2], temperature=0)) for c in set(combos)}
+    eng = engine(env, max_batch=6, max_loras=3).start()
+    results = []
+
+    def client(part):
+        for n, c in enumerate(part):
+            h = eng.submit(TextJob(ids(env, c[0]), c[1], c[2], temperature=0))
+            if n % 3 == 1:
+                h.cancel()
+            results.append((c, h))
+
+    threads = [threading.Thread(target=client, args=(combos[k::3],)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for c, h in results:
+        assert h.wait(30), c
+        if h.finish_reason == "cancelled":
+            assert h.token_ids == expected[c][: len(h.token_ids)]
+        else:
+            assert h.finish_reason == "length" and h.token_ids == expected[c], c
+    eng.stop()
+    assert len(results) == 30 and eng.stats() == {"running": 0, "waiting": 0, "width": 0}
+    assert sum(h.finish_reason == "cancelled" for _, h in results) >= 5

@@ -17,20 +17,23 @@ sampled at once; the new rows then take part in that same step's decoding forwar
 
 **The KV cache.** Every layer holds the keys and values of all running rows in one tensor
 ``(rows, heads, width, head_dim)``, left-padded: row i's ``n_i`` cached tokens sit in the last ``n_i``
-columns, the columns before them are zeros that the attention mask hides (``mask[i, c] = c >= width -
-n_i``), and each row's position ids count its own tokens only. Left padding puts the newest token of
-every row in the same (last) column, so a decoding step appends one column to every layer for all
-rows at once and the causal mask over columns stays the ordinary one; with right padding every row's
-next token would land in a different column. Each layer's tensor is a view into a buffer with spare
-columns on the right (`_KVLayer`), so a step writes one column in place instead of concatenating the
-whole cache as transformers' `DynamicLayer` does; a full buffer grows by a quarter.
+columns, the columns before them are masked out (``mask[i, c] = c >= width - n_i``; they hold zeros
+or stale, finite values), and each row's position ids count its own tokens only. Left padding puts
+the newest token of every row in the same (last) column, so a decoding step appends one column to
+every layer for all rows at once and the causal mask over columns stays the ordinary one; with right
+padding every row's next token would land in a different column. Each layer's tensor is a view into
+buffers with spare rows and columns (`_KVLayer`), so a step writes one column in place instead of
+concatenating (copying) the whole cache as transformers' `DynamicLayer` does.
 
-**Re-packing** happens only when the set of rows changes, never on an ordinary step: a join
-concatenates the prefilled rows' K/V below the running ones (the narrower side left-padded to the
-wider width); a leave gathers the remaining rows and drops the columns that are padding in all of
-them (the leftmost ``min_i(width - n_i)``), so a long sequence that finished does not leave its width
-behind. Rows keep their order between changes, so the mixed batch's per-layer stacked adapter weights
-stay cached too.
+**Re-packing** happens only when the set of rows changes, never on an ordinary step, and copies
+only what changed while the buffers have room: a join writes the prefilled rows' K/V into spare rows
+below the running ones (a newcomer wider than the batch widens the view to the left); a leave moves
+the last row into the hole (rows change order; the engine's row list follows) and moves the view's
+left edge past the columns that are padding in every remaining row (``min_i(width - n_i)``), so a
+long sequence that finished does not leave its width behind. Only a join that does not fit, or a
+full column buffer, reallocates (with spare room: up to twice the rows, a quarter more columns).
+Between changes the row order, and so the mixed batch's per-layer stacked adapter weights, stay the
+same.
 
 **Sampling** per row: temperature 0 is greedy (argmax, as `generate` without sampling); otherwise
 softmax(logits / temperature), cut to the smallest set of tokens whose probability reaches `top_p`,
@@ -590,7 +593,7 @@ class TextEngine:
         with self._cv:
             self._closed = True
             if not drain:
-                for row in [*self._waiting, *self._rows]:
+                for row in [*self._waiting, *self._admitting, *self._rows]:
                     row.handle.cancel()
             self._cv.notify_all()
             thread = self._thread
