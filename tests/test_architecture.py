@@ -43,6 +43,7 @@ LAYERS = [
         "loraforge.jobs.modules",
         "loraforge.jobs.runner",
         "loraforge.jobs.cli",
+        "loraforge.serve",
     ],
     ["loraforge.cli"],
 ]

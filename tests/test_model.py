@@ -214,6 +214,49 @@ def test_mixed_batch_rows_equal_separate_runs(llama, grad):
             torch.testing.assert_close(mixed[row : row + 1], alone, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "autograd"])
+def test_mixed_batch_weighted_mix_rows_equal_set_adapters(llama, grad):
+    # A row may carry a weighted mix of adapters of different ranks and targets, one with a trained
+    # lm_head copy; each row must equal set_adapters(names, weights) run on that row alone.
+    ids = torch.randint(0, 128, (6, 6))
+    model = get_lora_model(llama, cfg(r=8, target_modules="all-linear"))
+    model.add_adapter("small", cfg(r=2, target_modules=["q_proj", "v_proj", "embed_tokens"]))
+    model.add_adapter("head", cfg(r=4, target_modules=["o_proj"], modules_to_save=["lm_head"]))
+    with torch.no_grad():
+        model.model.lm_head.modules_to_save["head"].weight.mul_(1.5)  # the copy differs from the original
+    rows = [
+        (("default", 0.7), ("small", 0.3)),
+        "head",
+        (("small", -0.5), ("head", 0.25), ("default", 1.2)),
+        "__base__",
+        (),
+        (("default", 0.7), ("small", 0.3)),
+    ]
+    with torch.set_grad_enabled(grad):
+        mixed = model(ids, adapter_names=rows).logits
+    with torch.no_grad():
+        for row, entry in enumerate(rows):
+            mix = ((entry, 1.0),) if isinstance(entry, str) else entry
+            if entry in ("__base__", ()):
+                with model.disable_adapter():
+                    alone = model(ids[row : row + 1]).logits
+            else:
+                model.set_adapters([n for n, _ in mix], [w for _, w in mix])
+                alone = model(ids[row : row + 1]).logits
+            torch.testing.assert_close(mixed[row : row + 1], alone, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(mixed[0], mixed[3])  # the mix does change the row
+
+
+def test_mixed_batch_refuses_a_bad_mix(llama, ids):
+    from loraforge.errors import UserError
+
+    model = get_lora_model(llama, cfg())
+    with pytest.raises(UserError, match="twice"):
+        model(ids, adapter_names=[(("default", 0.5), ("default", 0.5))] * 3)
+    with pytest.raises(UserError, match="'nope'"):
+        model(ids, adapter_names=[(("nope", 0.5),)] * 3)
+
+
 def test_mixed_batch_sees_every_weight_change(llama):
     # The stacked weights are cached between mixed forwards; each way of changing an adapter must show.
     ids = torch.randint(0, 128, (2, 6))
@@ -246,13 +289,15 @@ def test_mixed_batch_on_conv_unet():
         unet, LoraConfig(target_modules=["to_q", "to_v", "conv1"], init_lora_weights=False)
     )
     model.add_adapter("b", LoraConfig(target_modules=["to_k", "conv2"], r=2, init_lora_weights=False))
-    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([10, 10]), torch.randn(2, 3, 16)
+    x, t, ctx = torch.randn(3, 4, 8, 8), torch.tensor([10, 10, 10]), torch.randn(3, 3, 16)
     with torch.no_grad():
-        mixed = model(x, t, ctx, adapter_names=["b", "default"]).sample
+        mixed = model(x, t, ctx, adapter_names=["b", "default", (("b", 0.4), ("default", -0.8))]).sample
         model.set_adapter("default")
-        torch.testing.assert_close(mixed[1:], model(x[1:], t[1:], ctx[1:]).sample, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(mixed[1:2], model(x[1:2], t[1:2], ctx[1:2]).sample, atol=1e-5, rtol=1e-5)
         model.set_adapter("b")
         torch.testing.assert_close(mixed[:1], model(x[:1], t[:1], ctx[:1]).sample, atol=1e-5, rtol=1e-5)
+        model.set_adapters(["b", "default"], [0.4, -0.8])
+        torch.testing.assert_close(mixed[2:], model(x[2:], t[2:], ctx[2:]).sample, atol=1e-5, rtol=1e-5)
 
 
 def test_mixed_batch_refuses_merged_adapters(llama, ids):

@@ -9,6 +9,7 @@
     loraforge mix A:0.7 B:0.3 --method svd --out mixed/
     loraforge inspect out/adapter
     loraforge train-image / generate-image            # Stable Diffusion
+    loraforge serve --base tiny-llama --adapters adapters/   # OpenAI-compatible server, many adapters
     loraforge run lora_training '{seed: 3}'           # a job: result and record in the store, by CID
     loraforge show / ls / export / verify / fsck / gc # the store
 """
@@ -32,6 +33,11 @@ COMMANDS = {
     "train-image": ("loraforge.train.image", None, "teach a Stable Diffusion pipeline a style or subject"),
     "generate-image": ("loraforge.infer.image", None, "generate images with one or more adapters"),
     "eval-style": ("loraforge.eval.style", None, "measure how far generated images moved toward a style"),
+    "serve": (
+        "loraforge.serve.app",
+        None,
+        "serve a base and many adapters over an OpenAI-compatible HTTP API",
+    ),
     "run": (
         "loraforge.jobs.cli",
         "run",

@@ -77,7 +77,9 @@ class LoraLayer(nn.Module):
         self._dora_factors: dict[str, torch.Tensor] = {}  # merged DoRA adapter -> m / ||W + ΔW||
         self.disabled = False
         # Set by LoraModel for the duration of a mixed-batch forward.
-        self.batch_slots: list[str | None] | None = None
+        # Slots are the distinct mixes in the batch, each a tuple of (adapter, weight); batch_index gives
+        # each row's slot.
+        self.batch_slots: list[tuple[tuple[str, float], ...]] | None = None
         self.batch_index: torch.Tensor | None = None
         self._stack_cache: tuple | None = None
 
@@ -327,13 +329,17 @@ class LoraLayer(nn.Module):
     def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
         """A and B of every batch slot stacked and zero-padded to the largest rank; B carries scaling.
 
-        Slot ``None`` (the base model) and adapters this layer does not have are all-zero. Cached
-        while no gradient is being recorded and no weight has changed.
+        A slot that mixes adapters concatenates their ranks: ``[w1 s1 B1 | w2 s2 B2] @ [A1; A2] =
+        w1 s1 B1 A1 + w2 s2 B2 A2``, so a weighted mix costs one gathered product like a single adapter.
+        The base slot ``()`` and adapters this layer does not have contribute zeros. Cached while no
+        gradient is being recorded and no weight has changed.
         """
         slots = self.batch_slots
-        for n in slots:
-            if n is not None and self.is_dora(n):
-                raise UserError(dora_mixed_error(n))
+        members = [[(n, w) for n, w in mix if n in self.lora_A] for mix in slots]
+        for part in members:
+            for n, _ in part:
+                if self.is_dora(n):
+                    raise UserError(dora_mixed_error(n))
         cache = self._stack_cache
         # Checked on every forward of every layer, so it avoids the ParameterDict lookups: the cached
         # Parameter objects (replaced only by add/delete_adapter, which drop the cache) must still have
@@ -341,51 +347,52 @@ class LoraLayer(nn.Module):
         if cache is not None and cache[0] == slots and not torch.is_grad_enabled():
             if all(p._version == v and p.data_ptr() == d for p, v, d in cache[1]):
                 return cache[2]
-        params = [p for n in slots if n in self.lora_A for p in (self.lora_A[n], self.lora_B[n])]
-        r_max = max([self.r[n] for n in slots if n in self.lora_A], default=1)
-        if params:
-            ref = self.lora_A[next(n for n in slots if n in self.lora_A)]
+        names = list(dict.fromkeys(n for part in members for n, _ in part))
+        params = [p for n in names for p in (self.lora_A[n], self.lora_B[n])]
+        r_max = max([sum(self.r[n] for n, _ in part) for part in members], default=0) or 1
+        if names:
+            ref = self.lora_A[names[0]]
         else:
             weight = self.base_weight()
             ref = weight.new_empty((), dtype=float_dtype(weight))
-        A = ref.new_zeros((len(slots), *self.a_shape(r_max)))
-        B = ref.new_zeros((len(slots), *self.b_shape(r_max)))
         As, Bs = [], []
-        for i, n in enumerate(slots):
-            if n in self.lora_A:
-                As.append(
-                    F.pad(self.lora_A[n].flatten(1), (0, 0, 0, r_max - self.r[n])).view(self.a_shape(r_max))
-                )
-                Bs.append(
-                    F.pad(self.lora_B[n].flatten(1) * self.scaling[n], (0, r_max - self.r[n])).view(
-                        self.b_shape(r_max)
-                    )
-                )
-            else:
-                As.append(A[i])
-                Bs.append(B[i])
+        for part in members:
+            rank = sum(self.r[n] for n, _ in part)
+            A = [self.lora_A[n].flatten(1) for n, _ in part] + [ref.new_zeros(r_max - rank, self.a_columns)]
+            B = [self.lora_B[n].flatten(1) * (self.scaling[n] * w) for n, w in part]
+            B.append(ref.new_zeros(self.out_features, r_max - rank))
+            As.append(torch.cat(A).view(self.a_shape(r_max)))
+            Bs.append(torch.cat(B, dim=1).view(self.b_shape(r_max)))
         result = (torch.stack(As), torch.stack(Bs))
         if not torch.is_grad_enabled():
             self._stack_cache = (list(slots), [(p, p._version, p.data_ptr()) for p in params], result)
         return result
+
+    @property
+    def a_columns(self) -> int:
+        """Columns of A flattened to a matrix: in_features times the kernel's size."""
+        return math.prod(self.a_shape(1))
 
     def _add_mixed(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """`result` plus each batch row's own adapter update."""
         return result + self._mixed_forward(x).to(result.dtype)
 
     def _mixed_forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Generic fallback for layer kinds without a gathered kernel: one pass per distinct adapter.
+        # Generic fallback for layer kinds without a gathered kernel: one pass per adapter per mix.
         out = None
-        for slot, name in enumerate(self.batch_slots):
+        for slot, mix in enumerate(self.batch_slots):
             rows = (self.batch_index == slot).nonzero().flatten()
-            if name not in self.lora_A or rows.numel() == 0:
+            if rows.numel() == 0:
                 continue
-            if self.is_dora(name):
-                raise UserError(dora_mixed_error(name))
-            part = self._lora_forward(x[rows], name, self.scaling[name], 0)
-            if out is None:
-                out = x.new_zeros((x.shape[0], *part.shape[1:]), dtype=part.dtype)
-            out = out.index_add(0, rows, part)
+            for name, weight in mix:
+                if name not in self.lora_A:
+                    continue
+                if self.is_dora(name):
+                    raise UserError(dora_mixed_error(name))
+                part = self._lora_forward(x[rows], name, self.scaling[name] * weight, 0)
+                if out is None:
+                    out = x.new_zeros((x.shape[0], *part.shape[1:]), dtype=part.dtype)
+                out = out.index_add(0, rows, part)
         return out if out is not None else torch.zeros((), dtype=x.dtype, device=x.device)
 
 
@@ -587,7 +594,11 @@ def wrap(module: nn.Module) -> LoraLayer:
 
 
 class TrainableCopy(nn.Module):
-    """A module trained in full (PEFT's `modules_to_save`): one copy per adapter, the original kept."""
+    """A module trained in full (PEFT's `modules_to_save`): one copy per adapter, the original kept.
+
+    In a mixed batch each row goes through the copy of the first adapter of its mix that has one (at
+    full strength, as `LoraModel.set_adapters` does: a copied module has no low-rank update to scale),
+    else through the original."""
 
     def __init__(self, module: nn.Module):
         super().__init__()
@@ -595,6 +606,8 @@ class TrainableCopy(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self.active: str | None = None
         self.disabled = False
+        self.batch_slots: list[tuple[tuple[str, float], ...]] | None = None  # set by LoraModel, as LoraLayer
+        self.batch_index: torch.Tensor | None = None
 
     def add_adapter(self, name: str):
         import copy
@@ -607,6 +620,27 @@ class TrainableCopy(nn.Module):
             self.active = None
 
     def forward(self, *args, **kwargs):
+        if self.batch_index is not None and not self.disabled:
+            return self._mixed_forward(*args, **kwargs)
         if self.disabled or self.active not in self.modules_to_save:
             return self.original_module(*args, **kwargs)
         return self.modules_to_save[self.active](*args, **kwargs)
+
+    def _row_module(self, mix) -> nn.Module:
+        name = next((n for n, _ in mix if n in self.modules_to_save), None)
+        return self.original_module if name is None else self.modules_to_save[name]
+
+    def _mixed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        modules = [self._row_module(mix) for mix in self.batch_slots]
+        if all(m is modules[0] for m in modules):
+            return modules[0](x, *args, **kwargs)
+        out = None
+        for slot, module in enumerate(modules):
+            rows = (self.batch_index == slot).nonzero().flatten()
+            if rows.numel() == 0:
+                continue
+            part = module(x[rows], *args, **kwargs)
+            if out is None:
+                out = part.new_empty((x.shape[0], *part.shape[1:]))
+            out[rows] = part
+        return out

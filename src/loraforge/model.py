@@ -34,6 +34,25 @@ from loraforge.quant import dequantize_model, dequantized_linear, model_quantiza
 
 BASE_ROW = "__base__"  # adapter name meaning "no adapter" for a row of a mixed batch
 
+Mix = tuple[tuple[str, float], ...]  # a weighted combination of adapters; () is the bare base
+
+
+def as_mix(entry: str | Mix) -> Mix:
+    """One row of a mixed batch as a Mix: ``BASE_ROW`` is ``()``, a name is ``((name, 1.0),)``, and a
+    sequence of (name, weight) pairs is kept in order (each name once)."""
+    if isinstance(entry, str):
+        return () if entry == BASE_ROW else ((entry, 1.0),)
+    try:
+        mix = tuple((str(name), float(weight)) for name, weight in entry)
+    except (TypeError, ValueError):
+        raise UserError(
+            f"a mixed-batch row must be an adapter name or (name, weight) pairs, not {entry!r}"
+        ) from None
+    names = [name for name, _ in mix]
+    if len(set(names)) != len(names):
+        raise UserError(f"a mix names an adapter twice: {names}")
+    return mix
+
 
 class LoraModel(nn.Module):
     """Wraps a model; forwards to it. Attributes it does not have are looked up on the base model.
@@ -67,8 +86,10 @@ class LoraModel(nn.Module):
 
     # -- forward -----------------------------------------------------------------------------------
 
-    def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
-        """Calls the base model. `adapter_names` gives one adapter (or ``"__base__"``) per batch row."""
+    def forward(self, *args, adapter_names: list[str | Mix] | None = None, **kwargs):
+        """Calls the base model. `adapter_names` gives each batch row its own adapter: a name,
+        ``"__base__"`` for none, or a `Mix` of (name, weight) pairs, which adds the weighted sum of
+        those adapters' updates, as `set_adapters(names, weights)` would for the whole batch."""
         if adapter_names is None:
             with self._training_kernels():
                 return self.model(*args, **kwargs)
@@ -84,33 +105,33 @@ class LoraModel(nn.Module):
             self._gated_mlps = gated_mlps(self.model)
         return patched_forwards(self._gated_mlps, fused_gated_mlp)
 
-    def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
+    def generate(self, *args, adapter_names: list[str | Mix] | None = None, **kwargs):
         if adapter_names is None:
             return self.model.generate(*args, **kwargs)
         with self._mixed_batch(adapter_names):
             return self.model.generate(*args, **kwargs)
 
     @contextlib.contextmanager
-    def _mixed_batch(self, adapter_names: list[str]):
-        for name in adapter_names:
-            if name != BASE_ROW:
+    def _mixed_batch(self, adapter_names: list[str | Mix]):
+        rows = [as_mix(entry) for entry in adapter_names]
+        for mix in rows:
+            for name, _ in mix:
                 self._check_exists(name)
                 if self.peft_config[name].use_dora:
                     raise UserError(dora_mixed_error(name))
         if any(layer.merged for layer in self.lora_layers()):
             raise RuntimeError("mixed-batch inference needs unmerged adapters; call unmerge_adapter() first")
-        slots = sorted(set(adapter_names), key=adapter_names.index)
+        slots = list(dict.fromkeys(rows))  # distinct mixes in order of first use
         device = next(self.model.parameters()).device
-        index = torch.tensor([slots.index(n) for n in adapter_names], device=device)
-        slot_names = [None if n == BASE_ROW else n for n in slots]
-        layers = self.lora_layers()
-        for layer in layers:
-            layer.batch_slots, layer.batch_index = slot_names, index
+        index = torch.tensor([slots.index(mix) for mix in rows], device=device)
+        parts = self.lora_layers() + self._trainable_copies()
+        for part in parts:
+            part.batch_slots, part.batch_index = slots, index
         try:
             yield
         finally:
-            for layer in layers:
-                layer.batch_slots = layer.batch_index = None
+            for part in parts:
+                part.batch_slots = part.batch_index = None
 
     # -- modules -----------------------------------------------------------------------------------
 
