@@ -330,7 +330,9 @@ def image_server(tmp_path_factory):
     with ServerThread(app) as url:
         for i, name in enumerate(["s1", "s2", "s3", "s4"]):
             write_adapter(root / name, random_lora(app.state.service.engine.pipe, seed=i))
-            status, body = post(url, "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(root / name)})
+            status, body = post(
+                url, "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(root / name)}
+            )
             assert status == 200, body
         yield url, app.state.service
 

@@ -12,7 +12,6 @@ without one gets loraforge's plain format (``<|role|>\\ncontent\\n`` per message
 ``<|assistant|>\\n``), the one `loraforge train` uses for chat data without a template.
 """
 
-
 import argparse
 import asyncio
 import dataclasses

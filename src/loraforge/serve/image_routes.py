@@ -8,7 +8,6 @@ reported), so the same request gives the same image alone or batched. Images com
 PNGs (``b64_json``) whose text chunks hold the generation parameters (`loraforge generate-image`'s).
 """
 
-
 import asyncio
 import base64
 import io

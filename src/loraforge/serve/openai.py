@@ -56,6 +56,7 @@ class Sampling(Strict):
     stop: object = None  # str | list[str]: checked by `stop_strings`
     seed: int | None = None
     stream_options: dict | None = None
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever comes (benchmarks)
 
 
 class CompletionRequest(Sampling):

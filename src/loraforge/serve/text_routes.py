@@ -6,7 +6,6 @@ whatever its adapter or mix. ``temperature`` 0 is greedy; choice k of a seeded r
 that goes away cancels its jobs; their batch slots free at the next decoding step.
 """
 
-
 import asyncio
 import time
 
@@ -123,7 +122,8 @@ class TextRoutes(Service):
             for ids in prompt_ids:
                 for k in range(r.n):
                     seed = None if r.seed is None else r.seed + k
-                    job = TextJob(ids, mix, max_tokens, temperature, top_p, seed, stop, set(self.stop_ids))
+                    stop_ids = set() if r.ignore_eos else set(self.stop_ids)
+                    job = TextJob(ids, mix, max_tokens, temperature, top_p, seed, stop, stop_ids)
                     handles.append(self.engine.submit(job))
         except BaseException:
             close()
