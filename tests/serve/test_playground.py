@@ -15,6 +15,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -30,6 +31,16 @@ PROMPT = "The cat sat on"
 
 
 # -- servers and browser ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: spare PyTorch threads only spin, and on a busy machine make each decoding step many
+    times slower (as `load_pipeline` does for tiny pipelines)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
