@@ -227,7 +227,12 @@ class EventStream(Response):
     media_type = "text/event-stream"
 
     def __init__(self, events: AsyncIterator[dict], on_close: Callable[[], None]):
-        super().__init__(headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.status_code, self.background = 200, None
+        self.raw_headers = [  # no Content-Length: the body is sent in pieces until the last event
+            (b"content-type", b"text/event-stream; charset=utf-8"),
+            (b"cache-control", b"no-cache"),
+            (b"x-accel-buffering", b"no"),
+        ]
         self.events, self.on_close = events, on_close
 
     async def __call__(self, scope, receive, send):
