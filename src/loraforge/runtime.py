@@ -170,6 +170,33 @@ def quiet_libraries() -> None:
         filterer.addFilter(_no_torchvision_note)
 
 
+_M_MMAP_THRESHOLD = -3  # mallopt parameter number, from glibc's malloc.h
+
+
+def return_freed_memory() -> None:
+    """Makes glibc give large freed blocks back to the system at once (a fixed 1 MiB mmap threshold).
+
+    By default glibc raises its mmap threshold (up to 32 MiB) after the first large block is freed, so
+    later blocks of that size come from the heap, where fragmentation keeps them resident after they
+    are freed. Training on CPU frees such blocks at every layer (activations, dequantized 4-bit
+    weights): fine-tuning a 1B Llama on an nf4 base held ~0.5 GB of freed memory, 30% of its peak.
+    A fixed threshold turns that off. Process-wide and idempotent; skipped off glibc and when the user
+    set ``MALLOC_MMAP_THRESHOLD_`` themselves."""
+    global _returning_freed_memory
+    if _returning_freed_memory or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return
+    _returning_freed_memory = True
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+_returning_freed_memory = False
+
+
 def _no_torchvision_note(record) -> bool:
     return "requires torchvision" not in record.getMessage()
 
@@ -224,6 +251,7 @@ def load_text_model(
         raise UserError(f"compute dtype {compute_dtype!r}: choose from {', '.join(DTYPES)}")
     quant = quantization_config(quantize, DTYPES[compute_dtype], double_quant)
     quiet_libraries()
+    return_freed_memory()
     try:
         tokenizer = load_tokenizer(base, trust_remote_code)
     except NotFound:
@@ -339,6 +367,7 @@ def load_pipeline(
     CPU, whose kernels are too small to split (spare threads only spin, and on a busy machine that
     makes each step many times slower)."""
     quiet_libraries()  # before diffusers loads the pipeline modules, which print the torchvision note
+    return_freed_memory()
     from diffusers import DiffusionPipeline
 
     name = base or DEFAULT_IMAGE_BASE

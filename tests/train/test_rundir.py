@@ -4,6 +4,7 @@ Real subprocesses of the command line on a tiny base, as a user meets these case
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
@@ -54,6 +55,22 @@ def finished(text_env, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def interrupted(finished, tmp_path_factory):
+    """The finished run as a run killed after its first checkpoint: the last checkpoint and the
+    adapter gone."""
+    out = tmp_path_factory.mktemp("interrupted") / "run"
+    shutil.copytree(finished, out)
+    shutil.rmtree(out / "adapter")
+    shutil.rmtree(list_checkpoints(out)[-1][1])
+    return out
+
+
+def copy_of(run, tmp_path):
+    """A private copy of a module-scoped run, for a test that changes it."""
+    return shutil.copytree(run, tmp_path / "run")
+
+
 def test_a_new_run_into_a_finished_one_is_refused_and_changes_nothing(text_env, finished):
     before = snapshot(finished)
     proc = train(text_env, finished, learning_rate=1e-2)
@@ -77,15 +94,8 @@ def test_resume_of_a_finished_run_says_so_and_exits_0(text_env, finished):
     "change, key",
     [({"lora_r": 4}, "lora.r"), ({"batch_size": 2}, "batch_size"), ({"seed": 1}, "seed")],
 )
-def test_resume_with_other_settings_is_refused_naming_them(text_env, tmp_path, change, key):
-    out = tmp_path / "run"
-    killed = train(text_env, out, max_steps=STEPS, save_every=2)
-    assert killed.returncode == 0
-    # Make it an interrupted run: drop the last checkpoint and the adapter.
-    import shutil
-
-    shutil.rmtree(out / "adapter")
-    shutil.rmtree(list_checkpoints(out)[-1][1])
+def test_resume_with_other_settings_is_refused_naming_them(text_env, interrupted, tmp_path, change, key):
+    out = copy_of(interrupted, tmp_path)
     before = snapshot(out)
     proc = train(text_env, out, resume="latest", **change)
     assert proc.returncode == 2, proc.stderr[-2000:]
@@ -93,21 +103,15 @@ def test_resume_with_other_settings_is_refused_naming_them(text_env, tmp_path, c
     assert snapshot(out) == before  # nothing written, not even the config
 
 
-def test_resume_may_change_what_does_not_change_the_result(text_env, tmp_path):
-    out = tmp_path / "run"
-    assert train(text_env, out).returncode == 0
-    import shutil
-
-    shutil.rmtree(out / "adapter")
-    shutil.rmtree(list_checkpoints(out)[-1][1])
+def test_resume_may_change_what_does_not_change_the_result(text_env, interrupted, tmp_path):
+    out = copy_of(interrupted, tmp_path)
     proc = train(text_env, out, resume="latest", save_every=1, log_every=1, eval_every=1)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "done: 2 steps" in proc.stdout and f"steps 3-{STEPS} of {STEPS}" in proc.stdout
 
 
-def test_overwrite_starts_over_removing_only_the_runs_files(text_env, tmp_path):
-    out = tmp_path / "run"
-    assert train(text_env, out).returncode == 0
+def test_overwrite_starts_over_removing_only_the_runs_files(text_env, finished, tmp_path):
+    out = copy_of(finished, tmp_path)
     (out / "notes.txt").write_text("mine")
     old = load_file(out / "adapter" / "adapter_model.safetensors")
     proc = train(text_env, out, "--overwrite", seed=7)
@@ -123,9 +127,8 @@ def test_resume_and_overwrite_together_are_refused(text_env, finished):
     assert proc.returncode == 2 and "contradict" in proc.stderr
 
 
-def test_resume_with_more_steps_extends_a_finished_run(text_env, tmp_path):
-    out = tmp_path / "run"
-    assert train(text_env, out).returncode == 0
+def test_resume_with_more_steps_extends_a_finished_run(text_env, finished, tmp_path):
+    out = copy_of(finished, tmp_path)
     proc = train(text_env, out, resume="latest", max_steps=STEPS + 2)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"steps {STEPS + 1}-{STEPS + 2} of {STEPS + 2}" in proc.stdout
