@@ -3,6 +3,12 @@
 # torch is pinned first: an unpinned `torch` would pull a multi-GB CUDA build on a CPU machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The serve playground's browser test drives Debian's Chromium through its chromedriver (Selenium).
+if ! { command -v chromium && command -v chromedriver; } >/dev/null 2>&1; then
+  SUDO=$([ "$(id -u)" -eq 0 ] || echo sudo)
+  $SUDO apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q chromium chromium-driver
+fi
 PY=${PYTHON:-python3}
 if ! $PY -c "import torch" 2>/dev/null; then
   $PY -m pip install -q "torch==2.13.0"
