@@ -351,7 +351,7 @@ def load_text(
 
 # -- image pipelines -------------------------------------------------------------------------------
 
-TINY_UNET_PARAMETERS = 20_000_000
+TINY_PARAMETERS = 20_000_000  # below this a model runs fastest on one CPU thread
 
 
 def load_pipeline(
@@ -388,14 +388,18 @@ def load_pipeline(
             f"{name} is a {type(pipe).__name__}; loraforge trains and runs UNet Stable Diffusion pipelines"
         )
     pipe.set_progress_bar_config(disable=True)
+    set_threads(threads, device, pipe.unet)
+    return pipe.to(device)
+
+
+def set_threads(threads: int, device, model) -> None:
+    """CPU threads for PyTorch: `threads` if given; else one for a tiny model on CPU, whose kernels are
+    too small to split (spare threads only spin, and on a busy machine that makes each step many times
+    slower); else PyTorch's default."""
     if threads:
         torch.set_num_threads(threads)
-    elif (
-        torch.device(device).type == "cpu"
-        and sum(p.numel() for p in pipe.unet.parameters()) < TINY_UNET_PARAMETERS
-    ):
+    elif torch.device(device).type == "cpu" and sum(p.numel() for p in model.parameters()) < TINY_PARAMETERS:
         torch.set_num_threads(1)
-    return pipe.to(device)
 
 
 def native_size(pipe) -> tuple[int, int]:

@@ -48,7 +48,7 @@ class ServeSettings:
     kind: str | None = None  # "text" or "image"; default: what the base is
     device: str | None = None  # default: cuda if available
     dtype: str = "float32"
-    threads: int = 0  # CPU threads for PyTorch; 0: its default
+    threads: int = 0  # CPU threads for PyTorch; 0: one for a tiny model on CPU, else its default
     max_loras: int = 8  # distinct adapters in one batch (and in one mix)
     max_loaded: int = 64  # adapters kept loaded (LRU)
     max_batch: int = 32  # rows in one batch
@@ -109,13 +109,12 @@ def build(settings: ServeSettings):
         )
     kind = settings.kind or base_kind(settings.base)
     device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
     if kind == "text":
-        from loraforge.runtime import load_text
+        from loraforge.runtime import load_text, set_threads
         from loraforge.serve.text import TextEngine
 
         rt = load_text(settings.base, dtype=settings.dtype, device=device)
+        set_threads(settings.threads, device, rt.model)
         engine = TextEngine(
             rt.model, rt.tokenizer, max_batch=settings.max_batch, max_loras=settings.max_loras
         )
@@ -294,7 +293,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--threads",
         type=flags.non_negative_int,
         default=0,
-        help="CPU threads for PyTorch (0: its default; 1 is fastest for tiny models on a busy machine)",
+        help="CPU threads for PyTorch (0: one for a tiny model on CPU, else its default)",
     )
     for name, help_text in [
         ("max_loras", "distinct adapters in one batch, and in one mix"),
