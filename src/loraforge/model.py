@@ -70,6 +70,7 @@ class LoraModel(nn.Module):
         self.active_adapters: list[str] = []
         self.adapter_weights: list[float] = []
         self._gated_mlps: list[nn.Module] | None = None  # found at the first training forward
+        self._batch_parts: list[nn.Module] | None = None  # LoRA layers and copies, for mixed batches
         for p in self.model.parameters():
             p.requires_grad_(False)
         if config is not None:
@@ -114,19 +115,22 @@ class LoraModel(nn.Module):
     @contextlib.contextmanager
     def _mixed_batch(self, adapter_names: list[str | Mix]):
         rows = [as_mix(entry) for entry in adapter_names]
-        for mix in rows:
+        # Distinct mixes in a fixed order, so that rows moving around (a server's batch as sequences
+        # join and leave) keep the layers' cached stacked weights valid.
+        slots = sorted(set(rows))
+        for mix in slots:
             for name, _ in mix:
                 self._check_exists(name)
                 if self.peft_config[name].use_dora:
                     raise UserError(dora_mixed_error(name))
-        if any(layer.merged for layer in self.lora_layers()):
+        if self._batch_parts is None:  # walking every module costs ms per forward on a server
+            self._batch_parts = self.lora_layers() + self._trainable_copies()
+        parts = self._batch_parts
+        if any(isinstance(part, LoraLayer) and part.merged for part in parts):
             raise RuntimeError("mixed-batch inference needs unmerged adapters; call unmerge_adapter() first")
-        # Distinct mixes in a fixed order, so that rows moving around (a server's batch as sequences
-        # join and leave) keep the layers' cached stacked weights valid.
-        slots = sorted(set(rows))
         device = next(self.model.parameters()).device
-        index = torch.tensor([slots.index(mix) for mix in rows], device=device)
-        parts = self.lora_layers() + self._trainable_copies()
+        position = {mix: i for i, mix in enumerate(slots)}
+        index = torch.tensor([position[mix] for mix in rows], device=device)
         for part in parts:
             part.batch_slots, part.batch_index = slots, index
         try:
@@ -209,7 +213,7 @@ class LoraModel(nn.Module):
         parent_name, _, child = name.rpartition(".")
         parent = self.model.get_submodule(parent_name) if parent_name else self.model
         setattr(parent, child, new)
-        self._gated_mlps = None  # the structure changed: find them again
+        self._gated_mlps = self._batch_parts = None  # the structure changed: find them again
 
     # -- adapters ----------------------------------------------------------------------------------
 
