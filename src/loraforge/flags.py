@@ -12,13 +12,18 @@ import argparse
 import math
 
 
-def add_adapter(parser: argparse.ArgumentParser, help: str | None = None, required: bool = False) -> None:
+def add_adapter(
+    parser: argparse.ArgumentParser,
+    help: str | None = None,
+    required: bool = False,
+    metavar: str = "SOURCE[:WEIGHT]",
+) -> None:
     parser.add_argument(
         "--adapter",
         action="append",
         default=[],
         required=required,
-        metavar="SOURCE[:WEIGHT]",
+        metavar=metavar,
         help=help
         or "adapter directory or .safetensors file, with an optional weight (default 1); repeat to mix",
     )

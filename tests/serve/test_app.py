@@ -483,6 +483,7 @@ def test_command_line_settings(monkeypatch, tmp_path):
     import argparse
 
     from loraforge.cli import dash_spellings
+    from loraforge.errors import UserError
     from loraforge.serve.app import ServeSettings, add_arguments, settings_from_args
 
     parser = argparse.ArgumentParser(allow_abbrev=False)
@@ -508,3 +509,6 @@ def test_command_line_settings(monkeypatch, tmp_path):
     assert ServeSettings().token() == "from-env" and ServeSettings(api_key="flag").token() == "flag"
     monkeypatch.delenv("LORAFORGE_API_KEY")
     assert ServeSettings().token() is None
+    weighted = parser.parse_args(["--adapter", "style=runs/x:0.5"])
+    with pytest.raises(UserError, match="serve takes no weight"):
+        settings_from_args(weighted)

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from loraforge import flags
 from loraforge.errors import IncompatibleAdapter, NotFound, UserError
+from loraforge.runtime import parse_adapter_spec
 from loraforge.serve import mixes
 
 log = logging.getLogger("loraforge.serve")
@@ -280,7 +281,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         dest="adapters_dir",
         help="a folder whose sub-directories are adapters (named after them)",
     )
-    flags.add_adapter(parser, help="NAME=SOURCE or SOURCE (a directory, file or store CID); repeat for more")
+    flags.add_adapter(
+        parser,
+        help="an adapter to serve: a directory, file or store CID, named NAME (default: its file or "
+        "directory name); repeat for more. No weight: each request chooses its own",
+        metavar="[NAME=]SOURCE",
+    )
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
     )
@@ -321,6 +327,12 @@ def settings_from_args(args) -> ServeSettings:
         if not sep:
             source = spec
             name = Path(spec.rstrip("/")).name.removesuffix(".safetensors")
+        weighted = parse_adapter_spec(source)
+        if weighted.source != source and weighted.weight != 1.0:
+            raise UserError(
+                f"--adapter {spec}: serve takes no weight (each request gives its own, as model "
+                f'"{name}:{weighted.weight:g}" or adapters: [{{"name", "weight"}}])'
+            )
         if name in adapters:
             raise UserError(f"--adapter: the name {name!r} is given twice")
         adapters[name] = source
