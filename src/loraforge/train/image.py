@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import random
 import sys
@@ -956,14 +957,19 @@ def labelled_grid(rows: list[tuple[str, list]], columns: list[str], title: str, 
 
 
 def native_resolution(base: str) -> int:
-    """The pipeline's native image size, read from its configs (no weights are loaded)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
+    """The pipeline's native image size, read from its configs (no weights are loaded). A local pipeline's
+    configs are read as JSON, without importing diffusers (seconds, paid again by the training)."""
     from loraforge.bases import resolve_base
 
-    where = resolve_base(base)
-    unet = UNet2DConditionModel.load_config(where, subfolder="unet")
-    vae = AutoencoderKL.load_config(where, subfolder="vae")
+    where = Path(resolve_base(base))
+    if (where / "unet" / "config.json").is_file() and (where / "vae" / "config.json").is_file():
+        unet = json.loads((where / "unet" / "config.json").read_text())
+        vae = json.loads((where / "vae" / "config.json").read_text())
+    else:  # a hub id: diffusers finds (and caches) the files
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+
+        unet = UNet2DConditionModel.load_config(str(where), subfolder="unet")
+        vae = AutoencoderKL.load_config(str(where), subfolder="vae")
     sample = unet["sample_size"]
     sample = sample if isinstance(sample, int) else min(sample)
     return sample * 2 ** (len(vae["block_out_channels"]) - 1)
