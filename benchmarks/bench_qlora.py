@@ -108,6 +108,11 @@ def run_one(lib: str, base: str, args) -> dict:
     started = time.perf_counter()
     if lib == "loraforge":
         from loraforge import LoraConfig, get_lora_model
+
+        if args.low_memory:  # what `low_memory: true` in a training config does
+            from loraforge.runtime import return_freed_memory
+
+            return_freed_memory()
         from loraforge.runtime import load_text_model
         from loraforge.train.task import enable_activation_checkpointing
 
@@ -212,6 +217,11 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--model-dir", default=None, help="checkpoint to reuse (built if missing)")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument(
+        "--low-memory",
+        action="store_true",
+        help="loraforge runs with low_memory (glibc returns freed memory)",
+    )
     parser.add_argument("--one", nargs=2, metavar=("LIB", "BASE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -231,6 +241,7 @@ def main() -> int:
     results = []
     passthrough = ["--layers", str(args.layers), "--seq", str(args.seq), "--warmup", str(args.warmup)]
     passthrough += ["--steps", str(args.steps), "--threads", str(args.threads), "--model-dir", args.model_dir]
+    passthrough += ["--low-memory"] if args.low_memory else []
     for base in args.bases:
         for lib in args.libs:
             out = subprocess.run(

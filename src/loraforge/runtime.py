@@ -180,8 +180,10 @@ def return_freed_memory() -> None:
     later blocks of that size come from the heap, where fragmentation keeps them resident after they
     are freed. Training on CPU frees such blocks at every layer (activations, dequantized 4-bit
     weights): fine-tuning a 1B Llama on an nf4 base held ~0.5 GB of freed memory, 30% of its peak.
-    A fixed threshold turns that off. Process-wide and idempotent; skipped off glibc and when the user
-    set ``MALLOC_MMAP_THRESHOLD_`` themselves."""
+    A fixed threshold turns that off, at a price in speed: every large tensor then gets fresh pages
+    from the kernel (the same 1B training step took up to 2x as long), so it is an option
+    (`low_memory` in the training configs), not the default. Process-wide and idempotent; skipped off
+    glibc and when the user set ``MALLOC_MMAP_THRESHOLD_`` themselves."""
     global _returning_freed_memory
     if _returning_freed_memory or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return
@@ -251,7 +253,6 @@ def load_text_model(
         raise UserError(f"compute dtype {compute_dtype!r}: choose from {', '.join(DTYPES)}")
     quant = quantization_config(quantize, DTYPES[compute_dtype], double_quant)
     quiet_libraries()
-    return_freed_memory()
     try:
         tokenizer = load_tokenizer(base, trust_remote_code)
     except NotFound:
@@ -367,7 +368,6 @@ def load_pipeline(
     CPU, whose kernels are too small to split (spare threads only spin, and on a busy machine that
     makes each step many times slower)."""
     quiet_libraries()  # before diffusers loads the pipeline modules, which print the torchvision note
-    return_freed_memory()
     from diffusers import DiffusionPipeline
 
     name = base or DEFAULT_IMAGE_BASE

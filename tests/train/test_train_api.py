@@ -127,3 +127,20 @@ def test_resume_a_run_saved_with_the_old_flat_config(text_env, tmp_path):
     assert step == 2 and [s for s, _ in list_checkpoints(out)] == [2, 3]
     written = yaml.safe_load((out / "train_config.yaml").read_text())
     assert written["lora"]["r"] == 8 and "lora_r" not in written  # saved again in today's form
+
+
+def test_low_memory_turns_on_returning_freed_memory_and_changes_no_weight(text_env, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    import loraforge.runtime
+
+    calls = []
+    # The real call changes the process's allocator for good; what it does is tests/test_memory.py's.
+    monkeypatch.setattr(loraforge.runtime, "return_freed_memory", lambda: calls.append(1))
+    plain = train_text(TextTrainConfig(**_quick(text_env, tmp_path / "plain")))
+    assert calls == []
+    low = train_text(TextTrainConfig(**_quick(text_env, tmp_path / "low"), low_memory=True))
+    assert calls == [1]
+    a = load_file(plain.adapter_dir / "adapter_model.safetensors")
+    b = load_file(low.adapter_dir / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

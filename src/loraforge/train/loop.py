@@ -207,6 +207,10 @@ class _Run:
         self.threads = choose_threads(config.threads)
         if self.threads != torch.get_num_threads():
             torch.set_num_threads(self.threads)
+        if config.low_memory:
+            from loraforge.runtime import return_freed_memory
+
+            return_freed_memory()
         self.out = Path(config.output_dir)
         self.resume_from = resolve_resume(self.out, config.resume)  # fail before loading anything
 
