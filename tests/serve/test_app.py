@@ -341,6 +341,33 @@ def test_a_disconnected_client_frees_its_slot(server):
         service.engine.submit = submit
 
 
+def test_more_requests_in_flight_than_max_queue_get_503(server):
+    url, service = server
+    limit = service.settings.max_queue
+    service.settings.max_queue = 1
+    try:
+        body = json.dumps(
+            {"model": "a", "prompt": PROMPT, "max_tokens": 200, "ignore_eos": True, "stream": True}
+        ).encode()
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as s:  # one long stream holds the only place
+            s.sendall(
+                b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            assert s.recv(4096).startswith(b"HTTP/1.1 200")
+            status, reply = call(url, "/v1/completions", {"model": "a", "prompt": PROMPT, "max_tokens": 2})
+            assert status == 503 and reply["error"]["code"] == "busy", reply
+        deadline = time.time() + 10
+        while service.in_flight and time.time() < deadline:  # the hung-up stream leaves
+            time.sleep(0.02)
+        status, _ = call(url, "/v1/completions", {"model": "a", "prompt": PROMPT, "max_tokens": 2})
+        assert status == 200
+    finally:
+        service.settings.max_queue = limit
+
+
 # -- images ----------------------------------------------------------------------------------------
 
 
