@@ -336,11 +336,6 @@ class LoraLayer(nn.Module):
         gradient is being recorded and no weight has changed.
         """
         slots = self.batch_slots
-        members = [[(n, w) for n, w in mix if n in self.lora_A] for mix in slots]
-        for part in members:
-            for n, _ in part:
-                if self.is_dora(n):
-                    raise UserError(dora_mixed_error(n))
         cache = self._stack_cache
         # Checked on every forward of every layer, so it avoids the ParameterDict lookups: the cached
         # Parameter objects (replaced only by add/delete_adapter, which drop the cache) must still have
@@ -348,6 +343,11 @@ class LoraLayer(nn.Module):
         if cache is not None and cache[0] == slots and not torch.is_grad_enabled():
             if all(p._version == v and p.data_ptr() == d for p, v, d in cache[1]):
                 return cache[2]
+        members = [[(n, w) for n, w in mix if n in self.lora_A] for mix in slots]
+        for part in members:
+            for n, _ in part:
+                if self.is_dora(n):
+                    raise UserError(dora_mixed_error(n))
         names = list(dict.fromkeys(n for part in members for n, _ in part))
         params = [p for n in names for p in (self.lora_A[n], self.lora_B[n])]
         r_max = max([sum(self.r[n] for n, _ in part) for part in members], default=0) or 1
