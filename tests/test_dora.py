@@ -7,7 +7,7 @@ import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
-from tiny_models import tiny_gpt2, tiny_llama
+from tiny_models import randomise_adapters, tiny_gpt2, tiny_llama
 from torch import nn
 
 from loraforge import LoraConfig, LoraModel, UserError, get_lora_model
@@ -52,16 +52,6 @@ def output(model, x):
     return out if isinstance(out, torch.Tensor) else out.logits
 
 
-def randomise(model):
-    """B away from zero, A and the magnitudes perturbed (each magnitude by ~10% of itself)."""
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_magnitude_vector" in n:
-                p.mul_(1 + torch.randn_like(p) * 0.1)
-            elif "lora_" in n:
-                p.add_(torch.randn_like(p) * 0.1)
-
-
 def dora_grads(model) -> dict[str, torch.Tensor]:
     """module path + (A | B | m) -> gradient, for a PEFT model or a LoraModel."""
     out = {}
@@ -88,7 +78,7 @@ def test_peft_dora_file_loads_here_with_same_outputs_and_gradients(case, tmp_pat
     peft_model = get_peft_model(
         copy.deepcopy(base), PeftLoraConfig(r=4, lora_alpha=8, use_dora=True, **kwargs)
     )
-    randomise(peft_model)
+    randomise_adapters(peft_model)
     peft_model.save_pretrained(tmp_path)
     keys = load_file(tmp_path / "adapter_model.safetensors")
     assert any(k.endswith(".lora_magnitude_vector") for k in keys)
@@ -114,7 +104,7 @@ def test_dora_file_written_here_loads_in_peft_with_same_outputs(case, tmp_path):
     ours = get_lora_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, use_dora=True, **kwargs))
     # A fresh DoRA adapter changes nothing: m starts at the rows' norms and B at zero.
     torch.testing.assert_close(output(ours, x), output(base, x), **TOL)
-    randomise(ours)
+    randomise_adapters(ours)
     expected = output(ours, x)
     ours.save_pretrained(tmp_path)
     peft_model = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
@@ -130,7 +120,7 @@ def test_dora_merge_equals_unmerged_and_cycles_do_not_drift(case):
     x = make_x()
     model = get_lora_model(base, LoraConfig(r=4, lora_alpha=8, use_dora=True, **kwargs))
     before = {n: p.detach().clone() for n, p in model.base_parameters()}
-    randomise(model)
+    randomise_adapters(model)
     with torch.no_grad():
         expected = output(model, x)
         for _ in range(5):
@@ -150,7 +140,7 @@ def test_dora_merge_matches_peft_merge():
     peft_model = get_peft_model(
         copy.deepcopy(base), PeftLoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules="all-linear")
     )
-    randomise(peft_model)
+    randomise_adapters(peft_model)
     ours = get_lora_model(
         copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules="all-linear")
     )
@@ -180,7 +170,7 @@ def test_dora_adapter_weight_scales_its_whole_part_and_merges_at_that_weight(ids
     with torch.no_grad():
         plain = base(ids).logits
     model = get_lora_model(base, LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules="all-linear"))
-    randomise(model)
+    randomise_adapters(model)
     model.add_adapter("lora", LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
     with torch.no_grad():
         model.set_adapters(["default"], [0.0])

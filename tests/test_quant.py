@@ -8,7 +8,7 @@ import pytest
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
-from tiny_models import tiny_llama
+from tiny_models import randomise_adapters, tiny_llama
 
 from loraforge import LoraConfig, LoraModel, UserError, get_lora_model
 from loraforge.quant import is_quantized, model_quantization
@@ -38,15 +38,6 @@ def load(directory, quantize):
     return model.eval()
 
 
-def randomise(model):
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_magnitude_vector" in n:
-                p.mul_(1 + torch.randn_like(p) * 0.1)
-            elif "lora_" in n:
-                p.add_(torch.randn_like(p) * 0.1)
-
-
 @pytest.mark.parametrize("quantize", ["nf4", "fp4", "int8"])
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 def test_adapter_on_quantized_base_matches_peft_both_ways(base_dir, quantize, dora, tmp_path):
@@ -57,7 +48,7 @@ def test_adapter_on_quantized_base_matches_peft_both_ways(base_dir, quantize, do
     torch.manual_seed(1)
     peft_model = get_peft_model(base, PeftLoraConfig(**config))
     peft_model.train()
-    randomise(peft_model)
+    randomise_adapters(peft_model)
     peft_model.save_pretrained(tmp_path / "peft")
     expected = peft_model(ids).logits
     expected.sum().backward()
@@ -101,7 +92,7 @@ def test_adapter_on_quantized_base_matches_peft_both_ways(base_dir, quantize, do
 
 def test_merge_on_quantized_base_refuses_in_place_and_unloads_full_precision(base_dir, ids):
     model = get_lora_model(load(base_dir, "nf4"), LoraConfig(r=4, target_modules="all-linear"))
-    randomise(model)
+    randomise_adapters(model)
     model.train()  # bitsandbytes' training path: dequantize, then a float32 matmul (see TOL)
     with torch.no_grad():
         expected = model(ids).logits
@@ -129,7 +120,7 @@ def test_pissa_needs_full_precision_base(base_dir):
 def test_mixed_batch_on_quantized_base(base_dir):
     ids = torch.randint(0, 128, (2, 7))
     model = get_lora_model(load(base_dir, "nf4"), LoraConfig(r=4, target_modules="all-linear"))
-    randomise(model)
+    randomise_adapters(model)
     model.add_adapter("b", LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
     with torch.no_grad():
         mixed = model(ids, adapter_names=["default", "__base__"]).logits

@@ -51,3 +51,16 @@ def tiny_unet():
         attention_head_dim=8,
         norm_num_groups=8,
     ).eval()
+
+
+def randomise_adapters(model):
+    """B away from zero (PEFT and loraforge both start it at zero), A and DoRA magnitudes perturbed
+    (each magnitude by ~10% of itself)."""
+    import torch
+
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_magnitude_vector" in n:
+                p.mul_(1 + torch.randn_like(p) * 0.1)
+            elif "lora_" in n:
+                p.add_(torch.randn_like(p) * 0.1)
