@@ -319,7 +319,8 @@ class TextHost:
     def model(self):
         return self.engine.model
 
-    def check(self, path: Path) -> None:
+    def check(self, path: Path) -> Path:
+        """The adapter's PEFT directory, once it is known to be servable here (IncompatibleAdapter if not)."""
         from loraforge.config import LoraConfig
         from loraforge.runtime import AdapterSpec, text_adapter_dir
 
@@ -336,13 +337,12 @@ class TextHost:
                 f"{directory.name} trains biases (bias={config.bias!r}): biases are base weights shared by "
                 "every request in a batch, so this server cannot serve it"
             )
+        return directory
 
     def load(self, name: str, path: Path) -> None:
         from loraforge.formats.peft import read_adapter, split_tensors
-        from loraforge.runtime import AdapterSpec, text_adapter_dir
 
-        self.check(path)
-        directory = text_adapter_dir(AdapterSpec(str(path)))
+        directory = self.check(path)
         config, tensors = read_adapter(directory)
         where = f"adapter {name!r} ({directory})"
         lora, others = split_tensors(tensors, where)
