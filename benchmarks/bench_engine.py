@@ -21,16 +21,18 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 
-def build_base(args):
+def build_base(args, max_positions: int = 1024):
+    """A random Llama of `args.vocab`, `args.hidden` (heads of 64) and `args.layers` (also used by
+    bench_serve_engine.py)."""
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=args.vocab,
         hidden_size=args.hidden,
         intermediate_size=int(args.hidden * 2.6875),
         num_hidden_layers=args.layers,
-        num_attention_heads=args.hidden // 64,
-        num_key_value_heads=args.hidden // 64,
-        max_position_embeddings=1024,
+        num_attention_heads=max(1, args.hidden // 64),
+        num_key_value_heads=max(1, args.hidden // 64),
+        max_position_embeddings=max_positions,
     )
     return LlamaForCausalLM(config).eval()
 

@@ -30,22 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 
 def build(args):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from bench_engine import build_base
 
     from loraforge import LoraConfig, LoraModel
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=int(args.hidden * 2.6875),
-        num_hidden_layers=args.layers,
-        num_attention_heads=max(1, args.hidden // 64),
-        num_key_value_heads=max(1, args.hidden // 64),
-        max_position_embeddings=args.prompt + args.tokens + 8,
-    )
+    base = build_base(args, max_positions=args.prompt + args.tokens + 8)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    model = LoraModel(LlamaForCausalLM(config).to(device=args.device, dtype=dtype).eval())
+    model = LoraModel(base.to(device=args.device, dtype=dtype))
     for i in range(args.adapters):
         model.add_adapter(
             f"a{i}", LoraConfig(r=args.rank, target_modules=args.targets.split(","), init_lora_weights=False)
