@@ -143,9 +143,18 @@ def train(task: Task, config: TrainConfig) -> TrainResult:
             run.abandon_step()
         finally:
             run.close_outputs()
-    if run.interrupted:
-        return run.stop_early()  # a checkpoint of the last step done, and how to resume
-    return run.finish()  # final eval, samples and checkpoint; the adapter; the loss curve
+    # stop_early: a checkpoint of the last step done, and how to resume; finish: final eval, samples
+    # and checkpoint, the adapter, the loss curve.
+    result = run.stop_early() if run.interrupted else run.finish()
+    _leave_process_group()
+    return result
+
+
+def _leave_process_group() -> None:
+    """Ends a multi-process run's process group once every process is done with it, as PyTorch asks:
+    a process that exits with it still up may abort (gloo's threads) and take the launch down."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _prepare_run_dir(config: TrainConfig) -> TrainResult | None:
