@@ -146,3 +146,34 @@ def test_adamw8bit_steps_the_adapter():
         opt.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_4bit_training_forward_reuses_one_buffer_and_matches_bitsandbytes(dtype):
+    """In CPU training a 4-bit base layer is dequantized into a reused buffer: same output and input
+    gradient as the layer's own (bitsandbytes) path, and no new buffer from the second call on."""
+    import bitsandbytes as bnb
+
+    from loraforge import quant
+
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(128, 96, bias=True).to(dtype)
+    layer = bnb.nn.Linear4bit(128, 96, bias=True, compute_dtype=dtype, quant_type="nf4").to(dtype)
+    layer.load_state_dict(plain.state_dict())
+    layer = layer.to("cpu")  # quantizes
+    layer.requires_grad_(False)
+    x = torch.randn(3, 5, 128, dtype=dtype, requires_grad=True)
+
+    expected = layer(x)
+    expected.float().square().sum().backward()
+    expected_grad, x.grad = x.grad, None
+
+    got = quant.reusing_4bit_linear(layer, x)
+    assert got is not None
+    buffer = quant._SCRATCH.buffers[(96, 128, dtype)]
+    got.float().square().sum().backward()
+    assert torch.equal(got, expected) and torch.equal(x.grad, expected_grad)
+    again = quant.reusing_4bit_linear(layer, x.detach())
+    assert torch.equal(again, expected) and quant._SCRATCH.buffers[(96, 128, dtype)] is buffer
+    with torch.no_grad():  # inference keeps bitsandbytes' own kernels
+        assert quant.reusing_4bit_linear(layer, x) is None

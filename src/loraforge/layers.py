@@ -29,7 +29,7 @@ from torch import nn
 
 from loraforge.errors import UserError
 from loraforge.kernels import LinearWithLora
-from loraforge.quant import avoid_broken_cpu_repack, dequantize_weight, is_quantized
+from loraforge.quant import avoid_broken_cpu_repack, dequantize_weight, is_quantized, reusing_4bit_linear
 
 
 def is_gpt2_conv1d(module: nn.Module) -> bool:
@@ -275,7 +275,7 @@ class LoraLayer(nn.Module):
     # -- forward -----------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
+        result = self._base_forward(x, *args, **kwargs)
         if self.disabled:
             return result
         if self.batch_index is not None:
@@ -291,6 +291,14 @@ class LoraLayer(nn.Module):
             else:
                 result = self._lora_forward(x, name, self.scaling[name] * weight, result)
         return result
+
+    def _base_forward(self, x, *args, **kwargs):
+        """The base layer's output; a 4-bit base in CPU training reuses one dequantization buffer."""
+        if self.quantized and not args and not kwargs:
+            reused = reusing_4bit_linear(self.base_layer, x)
+            if reused is not None:
+                return reused
+        return self.base_layer(x, *args, **kwargs)
 
     def _dora_forward(self, x, name, weight, result, base):
         """`result` plus DoRA adapter `name`'s part at user weight `weight` (which scales the whole part:

@@ -7,7 +7,8 @@
 Held-out loss: mean cross-entropy over the completion tokens (what training optimises).
 Follow rate: share of prompts whose greedy generation follows the taught behaviour, judged by
 `loraforge.examples.text.task.follows_task(prompt, generation, reference)`; "exact values" (where the
-checker module has `matches_reference`) also requires the reference's values; "distinct outputs"
+checker module has `matches_reference`) also requires the reference's values, all of them; "values
+right" (with `values_right`) counts each value on its own; "distinct outputs"
 counts the different answers (cut at the first stop), so a format learned without the content shows.
 With `--adapter`, the bare base is measured in the same process (the adapter switched off) and the
 loss drop is printed.
@@ -114,6 +115,7 @@ def measure(model, tokenizer, dataset, prompts, references, args, stop_ids, labe
 
     follows_task = checker.follows_task
     exact = getattr(checker, "matches_reference", None)
+    per_value = getattr(checker, "values_right", None)
 
     loss = dataset_loss(model, dataset, args.batch_size)
     generations = greedy_generations(
@@ -124,15 +126,17 @@ def measure(model, tokenizer, dataset, prompts, references, args, stop_ids, labe
     try:
         followed = [follows_task(pt, g, ref) for pt, g, ref in triples]
         matched = [exact(pt, g, ref) for pt, g, ref in triples] if exact else None
+        counts = [per_value(pt, g, ref) for pt, g, ref in triples] if per_value else None
     except ValueError as e:  # references that are not the example task's (e.g. not JSON objects)
         print(f"note: follow rate not measured: {e}")
-        followed, matched = [False] * len(triples), None
+        followed, matched, counts = [False] * len(triples), None, None
     return {
         "loss": loss,
         "follow_rate": sum(followed) / len(followed),
         "followed": sum(followed),
         "examples": len(followed),
         "exact_rate": sum(matched) / len(matched) if matched is not None else None,
+        "value_rate": sum(r for r, _ in counts) / max(1, sum(t for _, t in counts)) if counts else None,
         # How many different answers the prompts got: a follow rate is only as telling as this is high.
         "distinct": len({cut_generation(g) for g in generations}),
         "samples": list(zip(prompt_texts, generations, followed)),
@@ -198,6 +202,8 @@ def _print_table(results: dict, summary: dict, loaded, show: int) -> None:
     )
     if all(r["exact_rate"] is not None for _, r in columns):
         print(f"{'exact values':<22}" + "".join(f"{100 * r['exact_rate']:>15.1f}%" for _, r in columns))
+    if all(r["value_rate"] is not None for _, r in columns):
+        print(f"{'values right':<22}" + "".join(f"{100 * r['value_rate']:>15.1f}%" for _, r in columns))
     print(f"{'distinct outputs':<22}" + "".join(f"{r['distinct']:>16}" for _, r in columns))
     if loaded:
         print(f"{'loss drop':<22}{summary['loss_drop_percent']:>31.1f}%")

@@ -64,10 +64,17 @@ def follows_task(prompt: str, generation: str, reference: str) -> bool:
     return all(isinstance(v, str) and _WORDS.fullmatch(v) is not None for v in got.values())
 
 
+def values_right(prompt: str, generation: str, reference: str) -> tuple[int, int]:
+    """(values equal to the reference's, values in the reference): each value compared on its own,
+    ignoring letter case and outer spaces; a generation that does not follow the format gets none."""
+    want = _expected(reference)
+    if not follows_task(prompt, generation, reference):
+        return 0, len(want)
+    got = parse_object(cut_generation(generation))
+    return sum(got[k].strip().lower() == str(v).strip().lower() for k, v in want.items()), len(want)
+
+
 def matches_reference(prompt: str, generation: str, reference: str) -> bool:
     """`follows_task` and every value equal to the reference's (ignoring letter case and outer spaces)."""
-    if not follows_task(prompt, generation, reference):
-        return False
-    got = parse_object(cut_generation(generation))
-    want = _expected(reference)
-    return all(got[k].strip().lower() == str(v).strip().lower() for k, v in want.items())
+    right, total = values_right(prompt, generation, reference)
+    return right == total
