@@ -253,6 +253,13 @@ def main() -> None:
     )
     ap.add_argument("--probe-rows", type=int, default=50)
     ap.add_argument(
+        "--copy-warmup-minutes",
+        type=float,
+        default=0.0,
+        help="train first on random word lists said twice only (scripts/make_text_data.py's `repeat`), "
+        "where nothing but copying lowers the loss, so copying heads form before the mixed corpus",
+    )
+    ap.add_argument(
         "--corpus-command",
         default="python scripts/make_text_data.py",
         help="how the corpus was made, for the record in TRAINING.md",
@@ -279,6 +286,15 @@ def main() -> None:
     n_val = min(64, len(data) // 20)
     val, train = data[:n_val], data[n_val:]
     print(f"data: {train.numel():,} train tokens in {len(train)} rows of {args.seq_len}, {n_val} val rows")
+
+    copy_rows = None
+    if args.copy_warmup_minutes > 0:
+        sys.path.insert(0, str(ROOT / "scripts"))
+        from make_text_data import repeat
+
+        rng = random.Random(args.seed + 7)
+        copy_rows = pack([repeat(rng) for _ in range(100_000)], tokenizer, args.seq_len)
+        print(f"copy warm-up: {copy_rows.numel():,} tokens of repeated word lists, {args.copy_warmup_minutes:g} min")
 
     model = build_model(args, tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
@@ -327,11 +343,14 @@ def main() -> None:
         for group in opt.param_groups:
             group["lr"] = lr
 
-        if pos + args.batch_size > len(order):
-            order = torch.randperm(len(train), generator=g)
-            pos = 0
-        x = train[order[pos : pos + args.batch_size]]
-        pos += args.batch_size
+        if copy_rows is not None and elapsed < args.copy_warmup_minutes * 60.0:
+            x = copy_rows[torch.randint(0, len(copy_rows), (args.batch_size,), generator=g)]
+        else:
+            if pos + args.batch_size > len(order):
+                order = torch.randperm(len(train), generator=g)
+                pos = 0
+            x = train[order[pos : pos + args.batch_size]]
+            pos += args.batch_size
 
         loss = model(input_ids=x, labels=x).loss
         opt.zero_grad(set_to_none=True)
@@ -402,6 +421,11 @@ def main() -> None:
         f"| training wall time | {train_time:.0f} s ({train_time / 60:.1f} min; budget {args.minutes:g} min) |",
         f"| total wall time | {time.time() - t_start:.0f} s (tokenizer, packing, training, saving) |",
         f"| optimizer steps | {step} (batch {args.batch_size} x {args.seq_len} tokens) |",
+        *(
+            [f"| copy warm-up | the first {args.copy_warmup_minutes:g} min on repeated random word lists only |"]
+            if args.copy_warmup_minutes > 0
+            else []
+        ),
         f"| tokens seen | {tokens:,} (corpus: {train.numel():,} packed tokens) |",
         f"| optimizer | AdamW lr {args.lr:g}, betas (0.9, 0.95), weight decay {args.weight_decay:g}, "
         f"{args.warmup_steps} warmup steps, cosine to {args.min_lr_ratio:g} x lr over the budget, clip 1.0 |",

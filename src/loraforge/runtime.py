@@ -199,6 +199,18 @@ def return_freed_memory() -> None:
 _returning_freed_memory = False
 
 
+def trim_heap() -> None:
+    """Hands the freed parts of glibc's heap back to the system now (`malloc_trim`); no-op off glibc.
+    Called once after loading a quantized base: the full-precision tensors read while quantizing are
+    freed by then, but glibc would keep their pages resident through the whole run."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _no_torchvision_note(record) -> bool:
     return "requires torchvision" not in record.getMessage()
 
@@ -270,6 +282,7 @@ def load_text_model(
         raise NotFound(f"cannot load base model {base!r}: {_first_line(e)}") from e
     if quant is not None:
         release_checkpoint(model)
+        trim_heap()
     return model, tokenizer
 
 
