@@ -4,10 +4,10 @@ Pure functions only (no model, no torch), so the evaluation command can import t
 
 `follows_task` is the behaviour the fine-tune teaches: answer with one compact JSON object with
 exactly the reference's keys, in order, whose values are plain words, and stop (EOS or newline)
-right after it. It does not require the values to be the right words: extracting spans from the
-prompt needs an in-context copying ability that the few-million-parameter embedded base, trained
-for minutes on a CPU, does not have (see `TRAINING.md` of the base). `matches_reference` is the
-stricter check (same values as the reference) for bases that can copy.
+right after it. It does not require the values to be the right words; `values_right` counts the
+values equal to the reference's one by one and `matches_reference` requires all of them (taking
+words out of the prompt needs a base that copies in context: the embedded base does, see its
+`TRAINING.md`).
 """
 
 from __future__ import annotations
