@@ -33,7 +33,7 @@ def text_adapters(directory: Path, specs: dict[str, dict], base: str = "tiny-lla
         lora.add_adapter(name, config)
         with torch.no_grad():
             for _, layer in lora.adapter_layers(name):
-                layer.lora_B[name].normal_(0, 0.2)
+                layer.lora_B[name].normal_(0, 0.5)
             if perturb:
                 for _, copy in lora.adapter_copies(name):
                     for p in copy.parameters():
