@@ -359,13 +359,14 @@ def test_gradient_checkpointing_gives_the_same_update(text_env, tmp_path):
 
 
 def test_embedded_base_learns_the_example_task(tmp_path):
-    """The README's main job, shortened: the default config on the embedded tiny-llama and the packaged
+    """The README's main job: the default config on the embedded tiny-llama and the packaged
     example data, then `eval-text` (the shipped evaluation) must show the issue's figures: held-out
     loss down by at least half, at least 90% of greedy answers in the taught format where the bare
     base has under 10%, and values taken from the prompt (the base copies; the bare base gets none).
-    (The full default run is 282 steps; 160 give the format, 100 do not yet.)"""
+    The whole default run (564 steps, about 80 s): 160 steps give the format but few right values,
+    300 steps 39%; the issue's goals need the run the README gives."""
     out, report = tmp_path / "run", tmp_path / "eval.json"
-    flags = ["--max_steps", "160", "--save_every", "0", "--sample_every", "0", "--eval_every", "0"]
+    flags = ["--save_every", "0", "--sample_every", "0", "--eval_every", "0"]
     proc = cli(
         ["train", "--output_dir", str(out), *flags, "--progress_bar", "false", "--tensorboard", "false"]
     )
@@ -376,5 +377,6 @@ def test_embedded_base_learns_the_example_task(tmp_path):
     figures = yaml.safe_load(report.read_text())
     assert figures["loss_drop_percent"] >= 50
     assert figures["adapter"]["follow_rate"] >= 0.9 and figures["base"]["follow_rate"] < 0.1
-    assert figures["adapter"]["value_rate"] >= 0.3 and figures["base"]["value_rate"] == 0
+    assert figures["adapter"]["value_rate"] >= 0.95 and figures["adapter"]["exact_rate"] >= 0.8
+    assert figures["base"]["value_rate"] == 0
     assert figures["adapter"]["examples"] == 40
