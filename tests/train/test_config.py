@@ -140,7 +140,11 @@ def test_nested_lora_and_the_old_flat_keys_give_the_same_config(tmp_path):
     a, b = load_config(TextTrainConfig, nested), load_config(TextTrainConfig, flat)
     assert a == b
     assert a.lora == LoraConfig(
-        r=4, lora_alpha=8.0, lora_dropout=0.1, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]
+        r=4,
+        lora_alpha=8.0,
+        lora_dropout=0.1,
+        target_modules=["q_proj", "v_proj"],
+        modules_to_save=["lm_head"],
     )
     # The flat names stay readable (and settable) as attributes.
     assert (a.lora_r, a.lora_alpha, a.lora_dropout, a.target_modules) == (4, 8.0, 0.1, ["q_proj", "v_proj"])
