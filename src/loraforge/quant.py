@@ -13,6 +13,7 @@ loraforge[quant]``.
 from __future__ import annotations
 
 import ctypes
+import functools
 import threading
 import warnings
 
@@ -143,6 +144,7 @@ def reusing_4bit_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor | No
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
+@functools.cache  # looked up at every 4-bit layer call in training
 def _dequantize_kernel(quant_type: str, dtype: torch.dtype):
     """bitsandbytes' C function that dequantizes a 4-bit CPU weight into a given output, or None."""
     try:

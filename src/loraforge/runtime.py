@@ -173,27 +173,35 @@ def quiet_libraries() -> None:
 _M_MMAP_THRESHOLD = -3  # mallopt parameter number, from glibc's malloc.h
 
 
+def _glibc():
+    """The C library, where it is glibc (it has `mallopt` and `malloc_trim`); None otherwise."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
+
+
 def return_freed_memory() -> None:
     """Makes glibc give large freed blocks back to the system at once (a fixed 1 MiB mmap threshold).
 
     By default glibc raises its mmap threshold (up to 32 MiB) after the first large block is freed, so
     later blocks of that size come from the heap, where fragmentation keeps them resident after they
-    are freed. Training on CPU frees such blocks at every layer (activations, dequantized 4-bit
-    weights): fine-tuning a 1B Llama on an nf4 base held ~0.5 GB of freed memory, 30% of its peak.
-    A fixed threshold turns that off, at a price in speed: every large tensor then gets fresh pages
-    from the kernel (the same 1B training step took up to 2x as long), so it is an option
-    (`low_memory` in the training configs), not the default. Process-wide and idempotent; skipped off
-    glibc and when the user set ``MALLOC_MMAP_THRESHOLD_`` themselves."""
+    are freed. Training on CPU frees such blocks at every layer (activations and their float32 copies
+    for the adapter): fine-tuning a 1B Llama on an nf4 base held 0.3-0.5 GB of freed memory in the
+    heap. A fixed threshold turns that off, at a price in speed: every large tensor then gets fresh
+    pages from the kernel (that 1B training step took 1.8x as long), so it is an option (`low_memory`
+    in the training configs), not the default. Process-wide and idempotent; skipped off glibc and when
+    the user set ``MALLOC_MMAP_THRESHOLD_`` themselves."""
     global _returning_freed_memory
     if _returning_freed_memory or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return
     _returning_freed_memory = True
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 1 << 20)
-    except (OSError, AttributeError):  # not glibc
-        pass
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
 
 
 _returning_freed_memory = False
@@ -203,12 +211,9 @@ def trim_heap() -> None:
     """Hands the freed parts of glibc's heap back to the system now (`malloc_trim`); no-op off glibc.
     Called once after loading a quantized base: the full-precision tensors read while quantizing are
     freed by then, but glibc would keep their pages resident through the whole run."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def _no_torchvision_note(record) -> bool:
