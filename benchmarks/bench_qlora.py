@@ -8,9 +8,12 @@ once as a bf16 checkpoint, so that every run loads it the way a user loads a bas
 `from_pretrained`, quantized tensor by tensor for nf4 / int8 (`BitsAndBytesConfig`; 4-bit: double
 quantization, bf16 compute; both: unquantized layers (embeddings, norms, head) in bf16).
 
-Every run: LoRA r=16, alpha 32 on all linear layers, gradient checkpointing (non-reentrant), AdamW,
-batch 1 of 256 random tokens, the same plain training step for both libraries (forward with labels,
-backward, optimizer step). loraforge loads through `loraforge.runtime.load_text_model`, PEFT through
+Every run: LoRA r=16, alpha 32 on all linear layers, gradient checkpointing (non-reentrant), fused
+AdamW (lr 1e-4), batch 1 of 256 random tokens; each library's own training step: for loraforge what
+`loraforge train` runs (`causal_lm_loss`, whose output head and softmax go a chunk of positions at a
+time, and `make_optimizer`), for PEFT a plain transformers step (the model's loss from `labels=`, as
+the Trainer computes it); the same loss either way (the printed losses agree), then backward and
+the optimizer step. loraforge loads through `loraforge.runtime.load_text_model`, PEFT through
 transformers' `from_pretrained` + `peft.get_peft_model` (without `prepare_model_for_kbit_training`,
 which would upcast every unquantized weight to fp32 and only add memory to PEFT's column).
 
@@ -30,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import threading
@@ -146,7 +150,22 @@ def run_one(lib: str, base: str, args) -> dict:
     loaded = status_gb()
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    if lib == "loraforge":  # what `loraforge train` runs: its optimizer and its loss step
+        from loraforge.optim import make_optimizer
+        from loraforge.train.text import causal_lm_loss
+
+        optimizer = make_optimizer("adamw", [{"params": params}], lr=1e-4)
+
+        def loss_of(ids):
+            return causal_lm_loss(
+                model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+            )[0]
+    else:  # a plain transformers step (what the Trainer runs): the model's own loss
+        optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
+
+        def loss_of(ids):
+            return model(input_ids=ids, labels=ids).loss
+
     generator = torch.Generator().manual_seed(0)
     steps = args.warmup + args.steps
     batches = [
@@ -157,12 +176,14 @@ def run_one(lib: str, base: str, args) -> dict:
         for i, ids in enumerate(batches):
             if i == args.warmup:
                 t0, cpu0 = time.perf_counter(), time.process_time()
-            loss = model(input_ids=ids, labels=ids).loss
+                faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            loss = loss_of(ids)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(float(loss))
     elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
     return dict(
         lib=lib,
         base=base,
@@ -173,6 +194,7 @@ def run_one(lib: str, base: str, args) -> dict:
         loaded_gb=loaded["VmRSS"],
         load_hwm_gb=loaded["VmHWM"],
         tokens_per_cpu_s=args.steps * args.seq / cpu,
+        page_faults_per_step=faults / args.steps,
         load_s=load_s,
         trainable=sum(p.numel() for p in params),
         losses=losses,
@@ -258,7 +280,8 @@ def main() -> int:
             print(
                 f"{base:5s} {lib:9s} peak {r['peak_gb']:.2f} GB (anon {r['peak_anon_gb']:.2f}, after load "
                 f"{r['loaded_gb']:.2f}, loading peak {r['load_hwm_gb']:.2f}), "
-                f"{r['tokens_per_s']:.1f} tok/s, {r['s_per_step']:.1f} s/step, loss {r['losses']}",
+                f"{r['tokens_per_s']:.1f} tok/s, {r['s_per_step']:.1f} s/step, "
+                f"{r['page_faults_per_step'] / 1000:.0f}k page faults/step, loss {r['losses']}",
                 flush=True,
             )
     print()

@@ -33,13 +33,14 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from loraforge.examples.shapes import SHAPES, draw_shape
+
 REPO = Path(__file__).resolve().parent.parent
 STYLE_DIR = REPO / "src" / "loraforge" / "examples" / "style"
 
 RESOLUTION = 32
 SUPERSAMPLE = 4
 
-SHAPES = ("circle", "square", "triangle", "star")
 # Base colours.  Deliberately none of them is magenta, orange or plum (the style palette below).
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (215, 35, 35),
@@ -73,33 +74,6 @@ EXTRA_WORDS = (
 
 # ----------------------------------------------------------------------------------------------
 # drawing
-
-
-def _shape_polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
-    """Vertices of a polygonal shape of circumradius ``r`` centred at (cx, cy)."""
-    if shape == "square":
-        n, radii, start = 4, [r * 0.92], math.pi / 4
-    elif shape == "triangle":
-        n, radii, start = 3, [r * 1.08], -math.pi / 2
-    elif shape == "star":
-        n, radii, start = 10, [r * 1.12, r * 0.48], -math.pi / 2
-    else:
-        raise ValueError(shape)
-    pts = []
-    for i in range(n):
-        rad = radii[i % len(radii)]
-        a = start + angle + 2 * math.pi * i / n
-        pts.append((cx + rad * math.cos(a), cy + rad * math.sin(a)))
-    return pts
-
-
-def _draw_shape(
-    draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, angle: float, fill
-) -> None:
-    if shape == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    else:
-        draw.polygon(_shape_polygon(shape, cx, cy, r, angle), fill=fill)
 
 
 def _shape_geometry(rng: random.Random, size: int, jitter: bool) -> tuple[float, float, float, float]:
@@ -168,7 +142,7 @@ def render_shape(
         fg_rgb = _jitter_colour(rng, COLOURS[fg], 10) if jitter else COLOURS[fg]
     img = Image.new("RGB", (s, s), bg_rgb)
     cx, cy, r, angle = _shape_geometry(rng, size, jitter)
-    _draw_shape(ImageDraw.Draw(img), shape, cx, cy, r, angle, fg_rgb)
+    draw_shape(ImageDraw.Draw(img), shape, cx, cy, r, angle, fg_rgb)
     return _finish(img, size)
 
 
@@ -255,7 +229,7 @@ def render_texture(rng: random.Random, size: int = RESOLUTION) -> Image.Image:
             draw.polygon(pts, fill=b)
         if kind == "stripes_shape":
             cx, cy, r, angle = _shape_geometry(rng, size, True)
-            _draw_shape(draw, rng.choice(SHAPES), cx, cy, r, angle, _random_rgb(rng))
+            draw_shape(draw, rng.choice(SHAPES), cx, cy, r, angle, _random_rgb(rng))
     elif kind == "checker":
         cell = int(rng.uniform(3, 10) * SUPERSAMPLE)
         for y in range(0, s, cell):
@@ -266,7 +240,7 @@ def render_texture(rng: random.Random, size: int = RESOLUTION) -> Image.Image:
         for _ in range(rng.randint(2, 6)):
             cx, cy, r, angle = _shape_geometry(rng, size, True)
             r *= rng.uniform(0.3, 1.0)
-            _draw_shape(
+            draw_shape(
                 draw,
                 rng.choice(SHAPES),
                 cx + rng.uniform(-s / 3, s / 3),
@@ -299,7 +273,7 @@ def render_style(shape: str, rng: random.Random, size: int = RESOLUTION) -> Imag
             if int(2 * (STYLE_STRIPE_CYCLES * (x + y) / s + phase)) % 2:
                 px[x, y] = STYLE_ORANGE
     cx, cy, r, angle = _shape_geometry(rng, size, True)
-    _draw_shape(ImageDraw.Draw(img), shape, cx, cy, r, angle, STYLE_PLUM)
+    draw_shape(ImageDraw.Draw(img), shape, cx, cy, r, angle, STYLE_PLUM)
     return _finish(img, size)
 
 

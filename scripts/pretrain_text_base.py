@@ -294,7 +294,9 @@ def main() -> None:
 
         rng = random.Random(args.seed + 7)
         copy_rows = pack([repeat(rng) for _ in range(100_000)], tokenizer, args.seq_len)
-        print(f"copy warm-up: {copy_rows.numel():,} tokens of repeated word lists, {args.copy_warmup_minutes:g} min")
+        print(
+            f"copy warm-up: {copy_rows.numel():,} tokens of repeated word lists, {args.copy_warmup_minutes:g} min"
+        )
 
     model = build_model(args, tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
@@ -422,7 +424,9 @@ def main() -> None:
         f"| total wall time | {time.time() - t_start:.0f} s (tokenizer, packing, training, saving) |",
         f"| optimizer steps | {step} (batch {args.batch_size} x {args.seq_len} tokens) |",
         *(
-            [f"| copy warm-up | the first {args.copy_warmup_minutes:g} min on repeated random word lists only |"]
+            [
+                f"| copy warm-up | the first {args.copy_warmup_minutes:g} min on repeated random word lists only |"
+            ]
             if args.copy_warmup_minutes > 0
             else []
         ),

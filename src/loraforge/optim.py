@@ -72,12 +72,31 @@ def make_optimizer(name: str, groups: list[dict[str, Any]], lr: float, weight_de
     params = [p for g in groups for p in g["params"]]
     # The per-parameter Python loop of the default implementation costs more than the update itself
     # for adapters of many small matrices; the fused kernel does the same maths.
+    optimizer = None
     if all(p.dtype == torch.float32 and p.device.type in ("cpu", "cuda") for p in params):
         try:
-            return torch.optim.AdamW(groups, fused=True, **kwargs)
+            optimizer = torch.optim.AdamW(groups, fused=True, **kwargs)
         except (RuntimeError, ValueError, TypeError):
             pass
-    return torch.optim.AdamW(groups, **kwargs)
+    optimizer = optimizer or torch.optim.AdamW(groups, **kwargs)
+    allocate_adamw_state(optimizer)
+    return optimizer
+
+
+def allocate_adamw_state(optimizer: torch.optim.AdamW) -> None:
+    """Creates AdamW's moment estimates now (zeros, step 0: what its first step would create), through
+    the public `load_state_dict`. Made lazily, at the first step, they land in the holes that the
+    freed activations of the first forward and backward pass left in the C heap, and pin it; made
+    before training, they sit together (a 1B Llama on an nf4 base on CPU: ~0.1 GB less peak memory)."""
+    state = optimizer.state_dict()
+    if state["state"] or any(group.get("amsgrad") for group in optimizer.param_groups):
+        return
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state["state"] = {
+        i: {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+        for i, p in enumerate(params)
+    }
+    optimizer.load_state_dict(state)
 
 
 def create_loraplus_optimizer(

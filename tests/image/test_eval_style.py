@@ -2,12 +2,22 @@
 for each of several phrasings, with the shape-silhouette content measure beside it."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from loraforge.cli import main
-from loraforge.eval.style import EVAL_PHRASINGS, shape_iou, shape_mask, style_score
+from loraforge.eval.style import (
+    EVAL_PHRASINGS,
+    named_shape,
+    recognised_shape,
+    shape_iou,
+    shape_mask,
+    shape_right,
+    style_score,
+)
+from loraforge.examples.shapes import SHAPES, draw_shape
 
 README_PHRASING = "{caption} in the style of {tokens}"  # README: --prompt "a circle in the style of <s1><s2>"
 
@@ -36,6 +46,38 @@ def test_shape_silhouettes_ignore_the_background():
     assert shape_iou(on_plain, on_stripes) == 1.0  # the same square, other colours and background
     assert shape_iou(on_plain, _square(plain, top=18, left=18)) < 0.1  # another place
     assert shape_iou(Image.fromarray(plain), Image.fromarray(plain)) == 1.0  # no shape in either
+
+
+def _drawn(shape, cx, cy, r, angle, fg, bg):
+    from PIL import ImageDraw
+
+    image = Image.new("RGB", (128, 128), bg)
+    draw_shape(ImageDraw.Draw(image), shape, cx * 4, cy * 4, r * 4, angle, fg)
+    return image.resize((32, 32), Image.BOX)
+
+
+def test_shapes_are_recognised_wherever_and_however_drawn():
+    rng = np.random.default_rng(0)
+    for shape in SHAPES:
+        for _ in range(10):  # off-centre, in several sizes and small turns, any colours
+            cx, cy = 16 + rng.uniform(-2, 2, size=2)
+            r, angle = rng.uniform(8.6, 11.2), rng.uniform(-0.15, 0.15)
+            colours = rng.integers(0, 256, size=(2, 3))
+            while np.linalg.norm(colours[0] - colours[1]) < 150:
+                colours = rng.integers(0, 256, size=(2, 3))
+            image = _drawn(shape, cx, cy, r, angle, tuple(map(int, colours[0])), tuple(map(int, colours[1])))
+            assert recognised_shape(image) == shape
+    # The shipped style set: plum shapes on stripes, named in their captions.
+    from loraforge.examples import __file__ as examples_init
+
+    images = sorted((Path(examples_init).parent / "style").glob("*.png"))
+    assert len(images) == 16
+    prompts = [p.with_suffix(".txt").read_text() for p in images]
+    assert shape_right([Image.open(p) for p in images], prompts) == 1.0
+    assert recognised_shape(Image.new("RGB", (32, 32), (9, 9, 9))) is None  # nothing drawn
+    assert named_shape("A Star, in the style of <s1>") == "star" and named_shape("a dog") is None
+    blank = [Image.new("RGB", (32, 32), (9, 9, 9))] * 2
+    assert shape_right(blank, ["a circle", "a dog"]) == 0.0 and shape_right(blank, ["a dog"] * 2) is None
 
 
 def test_base_versus_adapter_in_several_phrasings(trained, tiny_sd, style_dir, tmp_path, capsys):
@@ -71,6 +113,13 @@ def test_base_versus_adapter_in_several_phrasings(trained, tiny_sd, style_dir, t
         expected = (row["adapter"]["score"] - row["base"]["score"]) / (style - row["base"]["score"])
         assert abs(row["moved"] - expected) < 1e-12
         assert 0 <= row["shape_iou"] <= 1 and 0 <= row["shape_iou_chance"] <= 1
+        assert row["shape_right"] in (0, 0.25, 0.5, 0.75, 1) and row["base_shape_right"] in (
+            0,
+            0.25,
+            0.5,
+            0.75,
+            1,
+        )
     # The overall figures are those of all the phrasings with the tokens.
     assert figures["prompts"] == [p for r in with_tokens for p in r["prompts"]]
     assert figures["num_images"] == 2 * 10
@@ -82,12 +131,15 @@ def test_base_versus_adapter_in_several_phrasings(trained, tiny_sd, style_dir, t
     saved = [Image.open(p) for p in sorted((tmp_path / "images" / "adapter").iterdir())]
     assert len(saved) == 2 * 12
     assert abs(style_score(saved[:20]) - figures["adapter"]["score"]) < 1e-9
+    # shape right: the saved images' recognised shapes against the shapes their prompts name
+    prompts = [p for p in figures["prompts"] for _ in range(2)]
+    assert abs(shape_right(saved[:20], prompts) - figures["shape_right"]) < 1e-12
 
     assert main(args) == 0
     text = capsys.readouterr().out
     assert "moved the style score" in text and "base" in text and "style" in text
     assert "a painting of {caption} in the style of {tokens}" in text and "(no tokens)" in text
-    assert "shape IoU" in text
+    assert "shape IoU" in text and "shape right" in text
 
 
 def test_each_given_prompt_is_a_row(trained, tiny_sd, style_dir, capsys):

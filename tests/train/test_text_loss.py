@@ -91,3 +91,71 @@ def test_fused_mlp_and_restriction_change_no_gradient(monkeypatch):
     for k in grads:
         torch.testing.assert_close(grads[k], plain_grads[k], atol=1e-6, rtol=1e-5, msg=k)
     assert all("forward" not in layer.mlp.__dict__ for layer in model.model.layers)  # patches undone
+
+
+def _plain_loss(lora, batch):
+    """The loss from the model's full logits, as transformers computes them (no chunked head)."""
+    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    logits = lora(**kwargs, use_cache=False).logits[:, :-1]
+    targets = batch["labels"][:, 1:]
+    wanted = targets != IGNORE
+    return torch.nn.functional.cross_entropy(logits[wanted].float(), targets[wanted])
+
+
+@pytest.mark.parametrize(
+    "lora_kwargs",
+    [
+        dict(target_modules="all-linear"),
+        dict(target_modules=["q_proj", "v_proj", "lm_head"]),  # an adapter on the head itself
+        dict(target_modules="all-linear", modules_to_save=["lm_head"]),  # a trained copy of the head
+    ],
+    ids=["body", "lora-head", "trained-head"],
+)
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2])
+def test_chunked_head_loss_equals_full_logits_loss(build, lora_kwargs, monkeypatch):
+    model = build()
+    lora = get_lora_model(model, LoraConfig(r=4, init_lora_weights=False, **lora_kwargs))
+    lora._gated_mlps = []
+    monkeypatch.setattr(text, "last_layer_positionwise_parts", lambda m: [])
+    batch = _batch(model.config.vocab_size)
+    # 3 positions' logits per chunk: the 10 labelled positions take 4 chunks.
+    monkeypatch.setattr(text, "HEAD_CHUNK_BYTES", 3 * 4 * model.config.vocab_size)
+    calls = []
+    head = model.get_output_embeddings()
+    handle = head.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
+    loss, n, grads = _loss_and_grads(lora, batch)
+    handle.remove()
+    # the model's own call (recorded), one row to find the vocabulary size, then the chunks
+    assert n == 10 and calls[1:] == [1, 3, 3, 3, 1]
+    assert all(g.abs().sum() > 0 for g in grads.values())
+
+    lora.zero_grad(set_to_none=True)
+    plain = _plain_loss(lora, batch)
+    (plain * 0.5).backward()  # a scaled loss (gradient accumulation) scales every gradient
+    torch.testing.assert_close(loss, plain.detach())
+    assert grads.keys() == {k for k, p in lora.named_parameters() if p.requires_grad}
+    for k, p in lora.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(0.5 * grads[k], p.grad, atol=1e-6, rtol=1e-5, msg=k)
+
+    lora.zero_grad(set_to_none=True)
+    loss, _ = text.causal_lm_loss(lora, batch)
+    (loss * 0.5).backward()
+    for k, p in lora.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(0.5 * grads[k], p.grad, atol=1e-6, rtol=1e-5, msg=k)
+    with torch.no_grad():
+        torch.testing.assert_close(text.causal_lm_loss(lora, batch)[0], _plain_loss(lora, batch))
+    assert "forward" not in head.__dict__  # the head is itself again
+    assert lora(input_ids=batch["input_ids"]).logits.shape[-1] == model.config.vocab_size
+
+
+def test_head_with_logit_processing_keeps_full_logits():
+    # A model family not known to return its head's output as-is keeps the plain loss.
+    model = tiny_llama()
+    lora = get_lora_model(model, LoraConfig(r=4, target_modules="all-linear"))
+    assert text._plain_head(lora) is model.lm_head
+    model.config.model_type = "gemma2"  # final_logit_softcapping follows its head
+    assert text._plain_head(lora) is None
+    loss, n = text.causal_lm_loss(lora, _batch(128))
+    assert n == 10 and torch.isfinite(loss)

@@ -159,6 +159,60 @@ def shape_iou(a, b) -> float:
     return float(np.logical_and(ma, mb).sum() / union) if union else 1.0
 
 
+_TEMPLATES: dict[str, list[np.ndarray]] = {}
+TEMPLATE_RADII = (0.26, 0.3, 0.34)  # fractions of the image: the sizes the image examples draw
+
+
+def shape_templates() -> dict[str, list[np.ndarray]]:
+    """Silhouettes of each example shape (`loraforge.examples.shapes`) at ``ANALYSIS_SIZE``, centred,
+    one per radius in ``TEMPLATE_RADII``."""
+    if not _TEMPLATES:
+        from PIL import Image, ImageDraw
+
+        from loraforge.examples.shapes import SHAPES, draw_shape
+
+        supersample = 4
+        s = ANALYSIS_SIZE * supersample
+        for shape in SHAPES:
+            _TEMPLATES[shape] = []
+            for radius in TEMPLATE_RADII:
+                image = Image.new("RGB", (s, s), (0, 0, 0))
+                draw_shape(ImageDraw.Draw(image), shape, s / 2, s / 2, radius * s, 0.0, (255, 255, 255))
+                _TEMPLATES[shape].append(shape_mask(image.resize((ANALYSIS_SIZE, ANALYSIS_SIZE), Image.BOX)))
+    return _TEMPLATES
+
+
+def recognised_shape(image) -> str | None:
+    """Which example shape the image shows: the shape whose template (any size), moved onto the
+    silhouette's centroid, overlaps the image's silhouette most (IoU); None without a silhouette."""
+    mask = shape_mask(image)
+    if not mask.any():
+        return None
+    ys, xs = np.nonzero(mask)
+    shift = (int(round(ys.mean() - (ANALYSIS_SIZE - 1) / 2)), int(round(xs.mean() - (ANALYSIS_SIZE - 1) / 2)))
+
+    def iou(template):
+        t = np.roll(template, shift, axis=(0, 1))
+        return np.logical_and(mask, t).sum() / np.logical_or(mask, t).sum()
+
+    best = {name: max(iou(t) for t in templates) for name, templates in shape_templates().items()}
+    return max(best, key=best.get)
+
+
+def named_shape(prompt: str) -> str | None:
+    """The example shape a prompt names (its first shape word), if any."""
+    from loraforge.examples.shapes import SHAPES
+
+    words = [w.strip(".,:;!?'\"") for w in prompt.lower().split()]
+    return next((w for w in words if w in SHAPES), None)
+
+
+def shape_right(images: list, prompts: list[str]) -> float | None:
+    """Share of `images` recognised as the shape their prompt names (None if no prompt names one)."""
+    judged = [recognised_shape(im) == named_shape(p) for im, p in zip(images, prompts) if named_shape(p)]
+    return float(np.mean(judged)) if judged else None
+
+
 def style_score(images: list) -> float:
     """How much ``images`` (PIL images or HxWx3 uint8 arrays) look like the example style, in [0, 1].
 
@@ -365,6 +419,10 @@ def run(args) -> int:
             entry["adapter"] = style_components(ours)
             entry["moved"] = _moved(entry["adapter"]["score"], entry["base"]["score"], style["score"])
             entry["shape_iou"] = float(np.mean([shape_iou(a, b) for a, b in zip(ours, refs)]))
+            ours_prompts = [p for p in row["prompts"] for _ in range(n)]
+            ref_prompts = [r for r in row["references"] for _ in range(n)]
+            entry["shape_right"] = shape_right(ours, ours_prompts)
+            entry["base_shape_right"] = shape_right(refs, ref_prompts)
             if n > 1:  # the same images against the references of the other seeds
                 shifted = [refs[(j // n) * n + (j % n + 1) % n] for j in range(len(refs))]
                 entry["shape_iou_chance"] = float(np.mean([shape_iou(a, b) for a, b in zip(ours, shifted)]))
@@ -378,6 +436,9 @@ def run(args) -> int:
         figures["moved"] = _moved(figures["adapter"]["score"], figures["base"]["score"], style["score"])
         figures["moved_min"] = min(e["moved"] for e in main_rows)
         figures["shape_iou"] = float(np.mean([e["shape_iou"] for e in main_rows]))
+        for key in ("shape_right", "base_shape_right"):
+            judged = [e[key] for e in main_rows if e[key] is not None]
+            figures[key] = float(np.mean(judged)) if judged else None
         chance = [e["shape_iou_chance"] for e in main_rows if "shape_iou_chance" in e]
         if chance:
             figures["shape_iou_chance"] = float(np.mean(chance))
@@ -408,12 +469,19 @@ def _report(figures: dict, as_json: bool) -> None:
         )
     if "adapter" in figures and figures.get("phrasings"):
         print()
-        print(f"{'phrasing':<52} {'base':>6} {'adapter':>8} {'moved':>7} {'shape IoU':>10}")
+        print(
+            f"{'phrasing':<52} {'base':>6} {'adapter':>8} {'moved':>7} {'shape IoU':>10} {'shape right':>16}"
+        )
+
+        def percent(value):
+            return "-" if value is None else f"{100 * value:.0f}%"
+
         for e in figures["phrasings"]:
             name = e["template"] if e["with_tokens"] else f"{e['template']}  (no tokens)"
+            right = f"{percent(e['base_shape_right'])} -> {percent(e['shape_right'])}"
             print(
                 f"{name[:52]:<52} {e['base']['score']:6.3f} {e['adapter']['score']:8.3f} "
-                f"{100 * e['moved']:6.1f}% {e['shape_iou']:10.2f}"
+                f"{100 * e['moved']:6.1f}% {e['shape_iou']:10.2f} {right:>16}"
             )
         chance = figures.get("shape_iou_chance")
         print(
@@ -421,3 +489,9 @@ def _report(figures: dict, as_json: bool) -> None:
             f"the tokens and the same seed (mean {figures['shape_iou']:.2f}"
             + (f"; against other seeds, i.e. chance: {chance:.2f})" if chance is not None else ")")
         )
+        if figures.get("shape_right") is not None:
+            print(
+                f"shape right: images whose silhouette is recognised as the shape the prompt names "
+                f"(base without the tokens -> adapter): {percent(figures['base_shape_right'])} -> "
+                f"{percent(figures['shape_right'])}, all phrasings with the tokens"
+            )

@@ -165,7 +165,10 @@ def causal_lm_loss(model, batch: dict, device=None) -> tuple[torch.Tensor, int]:
     Only positions that predict a labelled token go through the output head (`logits_to_keep`, where
     the model supports it): with completion-only training that skips the prompt positions' head and
     softmax, the largest single matrix of a small model. The last layer's MLP and attention output
-    projection skip those positions too (see `last_layer_positionwise_parts`).
+    projection skip those positions too (see `last_layer_positionwise_parts`). Where the model's
+    logits are its head's output as they are (`_plain_head`), the head and the softmax run a few
+    hundred positions at a time (`head_cross_entropy`), so the (tokens x vocabulary) logits never
+    exist in full.
     """
     device = device or next(model.parameters()).device
     kwargs = _forward_kwargs(model, batch, device)
@@ -174,16 +177,115 @@ def causal_lm_loss(model, batch: dict, device=None) -> tuple[torch.Tensor, int]:
     wanted = targets != IGNORE  # (B, L-1): position t predicts token t+1
     n = int(wanted.sum())
     keep = wanted.any(0).nonzero().flatten()
-    if _accepts(model, "logits_to_keep") and keep.numel() < targets.shape[1]:
-        # Checkpointing recomputes the forward during backward, outside the restriction: shapes differ.
-        restrict = not (torch.is_grad_enabled() and checkpointing(_transformers_model(model)))
-        with only_at_positions(last_layer_positionwise_parts(model) if restrict else [], keep):
-            logits = model(**kwargs, logits_to_keep=keep, use_cache=False).logits  # (B, K, V)
-        targets, wanted = targets[:, keep], wanted[:, keep]
-    else:
-        logits = model(**kwargs, use_cache=False).logits[:, :-1]
-    loss = F.cross_entropy(logits[wanted].float(), targets[wanted])
-    return loss, n
+    head = _plain_head(model)
+    with _head_input(head) as captured:
+        if _accepts(model, "logits_to_keep") and keep.numel() < targets.shape[1]:
+            # Checkpointing recomputes the forward during backward, outside the restriction: shapes differ.
+            restrict = not (torch.is_grad_enabled() and checkpointing(_transformers_model(model)))
+            with only_at_positions(last_layer_positionwise_parts(model) if restrict else [], keep):
+                logits = model(**kwargs, logits_to_keep=keep, use_cache=False).logits  # (B, K, V)
+            targets, wanted = targets[:, keep], wanted[:, keep]
+        else:
+            logits = model(**kwargs, use_cache=False).logits[:, :-1]
+    if head is None:
+        return F.cross_entropy(logits[wanted].float(), targets[wanted]), n
+    hidden = captured["hidden"]  # (B, K or L, H): what the head would have turned into the logits
+    hidden = hidden if hidden.shape[1] == wanted.shape[1] else hidden[:, :-1]
+    return head_cross_entropy(head, hidden[wanted], targets[wanted]), n
+
+
+# Model families whose forward returns the output head's result unchanged (no logit soft-capping or
+# scaling after the head), so the loss may be computed from the head's input.
+_PLAIN_HEAD_TYPES = frozenset(
+    "llama mistral mixtral qwen2 qwen2_moe qwen3 qwen3_moe phi phi3 gemma gpt2 gpt_neox gptj opt olmo "
+    "olmo2 stablelm starcoder2 smollm3 bloom falcon".split()
+)
+
+
+def _plain_head(model) -> nn.Module | None:
+    inner = _transformers_model(model)
+    config = getattr(inner, "config", None)
+    if getattr(config, "model_type", None) not in _PLAIN_HEAD_TYPES or not hasattr(
+        inner, "get_output_embeddings"
+    ):
+        return None
+    return inner.get_output_embeddings()
+
+
+@contextmanager
+def _head_input(head: nn.Module | None):
+    """Within the block, `head` records its input in the yielded dict and returns an empty
+    (..., 0) tensor instead of the logits; the model's forward carries that through untouched."""
+    captured: dict = {}
+    if head is None:
+        yield captured
+        return
+
+    def record(x, *args, **kwargs):
+        captured["hidden"] = x
+        return x.new_empty(*x.shape[:-1], 0)
+
+    head.forward = record  # an instance attribute, found before the class's forward
+    try:
+        yield captured
+    finally:
+        del head.forward
+
+
+HEAD_CHUNK_BYTES = 8 << 20  # float32 logits per chunk of positions
+
+
+def head_cross_entropy(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``F.cross_entropy(head(hidden).float(), targets)`` (mean) for (N, H) hidden states, computed a
+    chunk of positions at a time so that the (N, vocabulary) logits are never all in memory.
+
+    While autograd records, each chunk's gradients (for `hidden` and the head's trainable parameters)
+    are taken right away and scaled in the backward pass: the loss is the last operation, so that
+    gives the plain result without keeping, or recomputing, any logits."""
+    with torch.no_grad():
+        vocab = head(hidden[:1].detach()).shape[-1]
+    rows = max(1, HEAD_CHUNK_BYTES // (4 * vocab))
+    params = [p for p in head.parameters() if p.requires_grad]
+    if not torch.is_grad_enabled() or not (hidden.requires_grad or params):
+        total = sum(
+            F.cross_entropy(head(h).float(), t, reduction="sum")
+            for h, t in zip(hidden.split(rows), targets.split(rows))
+        )
+        return total / max(1, targets.numel())
+    return _HeadCrossEntropy.apply(hidden, targets, head, rows, *params)
+
+
+class _HeadCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, targets, head, rows, *params):
+        n = max(1, targets.numel())
+        grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
+        grad_params = [None] * len(params)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], rows):
+            h = hidden[start : start + rows].detach().requires_grad_(hidden.requires_grad)
+            with torch.enable_grad():
+                loss = F.cross_entropy(head(h).float(), targets[start : start + rows], reduction="sum") / n
+                inputs = ([h] if hidden.requires_grad else []) + list(params)
+                grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+            total += loss.detach()
+            if hidden.requires_grad:
+                grad_hidden[start : start + rows] = grads[0]
+                grads = grads[1:]
+            for i, g in enumerate(grads):
+                if g is not None:
+                    grad_params[i] = g if grad_params[i] is None else grad_params[i].add_(g)
+        ctx.grad_hidden, ctx.grad_params = grad_hidden, grad_params
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_hidden = (
+            None if ctx.grad_hidden is None else ctx.grad_hidden.mul_(grad_out.to(ctx.grad_hidden.dtype))
+        )
+        grad_params = [None if g is None else g.mul_(grad_out) for g in ctx.grad_params]
+        ctx.grad_hidden = ctx.grad_params = None
+        return (grad_hidden, None, None, None, *grad_params)
 
 
 @torch.no_grad()
