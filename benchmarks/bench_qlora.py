@@ -126,6 +126,10 @@ def run_one(lib: str, base: str, args) -> dict:
         model.config.use_cache = False
         enable_activation_checkpointing(model)
         model = get_lora_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+        if quantize == "nf4":  # what `loraforge train` does for a 4-bit base on CPU
+            from loraforge.runtime import hold_heap_down
+
+            hold_heap_down(model)
     else:
         import peft
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig

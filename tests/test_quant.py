@@ -151,7 +151,8 @@ def test_adamw8bit_steps_the_adapter():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_4bit_training_forward_reuses_one_buffer_and_matches_bitsandbytes(dtype):
     """In CPU training a 4-bit base layer is dequantized into a reused buffer: same output and input
-    gradient as the layer's own (bitsandbytes) path, and no new buffer from the second call on."""
+    gradient as the layer's own (bitsandbytes) path, and no new buffer from the second call on, nor
+    for a smaller layer, which gets the front of the same buffer and still its own values."""
     import bitsandbytes as bnb
 
     from loraforge import quant
@@ -170,10 +171,18 @@ def test_4bit_training_forward_reuses_one_buffer_and_matches_bitsandbytes(dtype)
 
     got = quant.reusing_4bit_linear(layer, x)
     assert got is not None
-    buffer = quant._SCRATCH.buffers[(96, 128, dtype)]
+    buffer = quant._SCRATCH.buffers[dtype]
+    assert buffer.numel() >= 96 * 128
     got.float().square().sum().backward()
     assert torch.equal(got, expected) and torch.equal(x.grad, expected_grad)
     again = quant.reusing_4bit_linear(layer, x.detach())
-    assert torch.equal(again, expected) and quant._SCRATCH.buffers[(96, 128, dtype)] is buffer
+    assert torch.equal(again, expected) and quant._SCRATCH.buffers[dtype] is buffer
+
+    small = bnb.nn.Linear4bit(128, 40, bias=False, compute_dtype=dtype, quant_type="nf4")
+    small.load_state_dict(torch.nn.Linear(128, 40, bias=False).to(dtype).state_dict())
+    small = small.to("cpu").requires_grad_(False)
+    with torch.enable_grad():
+        assert torch.equal(quant.reusing_4bit_linear(small, x.detach()), small(x.detach()))
+    assert quant._SCRATCH.buffers[dtype] is buffer
     with torch.no_grad():  # inference keeps bitsandbytes' own kernels
         assert quant.reusing_4bit_linear(layer, x) is None

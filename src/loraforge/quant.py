@@ -112,7 +112,8 @@ def dequantize_weight(module: nn.Module, dtype: torch.dtype = torch.float32) -> 
 
 def reusing_4bit_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """``x @ W.T + b`` of a bitsandbytes 4-bit layer during CPU training, with W dequantized into one
-    buffer per thread, weight shape and dtype that every call reuses; None where this does not apply
+    buffer per thread and dtype that every call reuses (sized for the largest weight: each call has
+    used its W before the next one writes there); None where this does not apply
     (the caller then runs the layer itself).
 
     bitsandbytes' own training path allocates a fresh dequantized W (up to tens of MB) at every call,
@@ -156,14 +157,14 @@ def _dequantize_kernel(quant_type: str, dtype: torch.dtype):
 
 class _Scratch(threading.local):
     def __init__(self):
-        self.buffers: dict[tuple, torch.Tensor] = {}
+        self.buffers: dict[torch.dtype, torch.Tensor] = {}  # flat, as long as the largest weight yet
 
 
 _SCRATCH = _Scratch()
 
 
 def _dequantize_into_scratch(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
-    """The layer's (out, in) weight in `dtype`, written into this thread's buffer for that shape."""
+    """The layer's (out, in) weight in `dtype`, written into this thread's buffer for that dtype."""
     bnb = require_bitsandbytes()
     weight = module.weight
     state = weight.quant_state
@@ -172,10 +173,10 @@ def _dequantize_into_scratch(module: nn.Module, dtype: torch.dtype) -> torch.Ten
         absmax = bnb.functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
     absmax = absmax.float().contiguous()
     rows, cols = state.shape
-    key = (rows, cols, dtype)
-    out = _SCRATCH.buffers.get(key)
-    if out is None:
-        out = _SCRATCH.buffers[key] = torch.empty(rows, cols, dtype=dtype)
+    flat = _SCRATCH.buffers.get(dtype)
+    if flat is None or flat.numel() < rows * cols:
+        flat = _SCRATCH.buffers[dtype] = torch.empty(rows * cols, dtype=dtype)
+    out = flat[: rows * cols].view(rows, cols)
     packed = weight.data.view(torch.uint8).reshape(rows, cols // 2).contiguous()
     _dequantize_kernel(state.quant_type, dtype)(
         ctypes.c_void_p(packed.data_ptr()),

@@ -320,10 +320,12 @@ def test_defaults_train_the_embedded_tiny_sd_on_the_example_style(tmp_path, caps
 
 
 def test_embedded_pipeline_learns_the_example_style(tmp_path):
-    """`train-image` with the defaults (shortened to 400 of its 1500 steps) on the embedded tiny-sd and
+    """`train-image` with the defaults (shortened to 400 of its 4500 steps) on the embedded tiny-sd and
     the packaged style set, judged by the shipped `eval-style` in its five default phrasings (the
     README's among them): in every one the adapter's images must move well towards the style images'
-    score (the full default run moves 80.0-89.3%; 400 steps 69.2-84.3%, the README's phrasing lowest)."""
+    score (the full default run moves 73.6-81.9%; 400 steps 66.3-77.7%), and the prompted shapes must
+    stay recognisable: the base draws them (87.5% shape right), the adapter keeps most (400 steps:
+    72.5%; the full run 90%; chance is 25%)."""
     out = tmp_path / "run"
     flags = ["--max_steps", "400", "--save_every", "0", "--progress_bar", "false", "--tensorboard", "false"]
     proc = subprocess.run(
@@ -337,12 +339,13 @@ def test_embedded_pipeline_learns_the_example_style(tmp_path):
     proc = subprocess.run(evaluate, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     figures = json.loads(proc.stdout)
-    assert figures["base"]["score"] < 0.2 and figures["style"]["score"] > 0.9
+    assert figures["base"]["score"] < 0.35 and figures["style"]["score"] > 0.9
     rows = [r for r in figures["phrasings"] if r["with_tokens"]]
     assert len(rows) >= 5
     assert "a circle in the style of <s1><s2>" in rows[0]["prompts"]  # the README's phrasing
     assert all(r["moved"] >= 0.6 for r in rows), [(r["template"], r["moved"]) for r in rows]
     assert figures["moved"] >= 0.7
+    assert figures["base_shape_right"] >= 0.75 and figures["shape_right"] >= 0.55, figures
 
 
 def test_train_image_from_python(tiny_sd, style_dir, tmp_path):

@@ -190,8 +190,8 @@ class TrainConfig:
 
     low_memory: bool = False
     """On CPU, give freed memory back to the system at once (glibc's mmap threshold fixed at 1 MiB):
-    a lower peak (a 1B Llama on an nf4 base: 1.36 instead of 1.64 GB) for slower steps (there 1.8x:
-    every large tensor then gets fresh pages). Results are the same."""
+    a lower peak (a 1B Llama on an nf4 base: 1.28 instead of 1.39 GB) for slower steps (there 1.5x:
+    every tensor of 1 MiB or more then gets fresh pages). Results are the same."""
 
     # What may differ when a run is resumed: none of these change the trained weights, except the
     # run's length: resuming with a larger max_steps (or epochs) extends a run, which is what resume

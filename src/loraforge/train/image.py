@@ -222,7 +222,7 @@ class ImageTrainConfig(TrainConfig):
     batch_size: int = 4
     """Images per micro-batch on each process."""
 
-    max_steps: int = 1500
+    max_steps: int = 4500
     """Number of optimizer steps. 0: run for `epochs` passes over the data instead."""
 
     lora: LoraConfig = field(
