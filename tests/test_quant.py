@@ -178,7 +178,7 @@ def test_4bit_training_forward_reuses_one_buffer_and_matches_bitsandbytes(dtype)
     again = quant.reusing_4bit_linear(layer, x.detach())
     assert torch.equal(again, expected) and quant._SCRATCH.buffers[dtype] is buffer
 
-    small = bnb.nn.Linear4bit(128, 40, bias=False, compute_dtype=dtype, quant_type="nf4")
+    small = bnb.nn.Linear4bit(128, 40, bias=False, compute_dtype=dtype, quant_type="nf4").to(dtype)
     small.load_state_dict(torch.nn.Linear(128, 40, bias=False).to(dtype).state_dict())
     small = small.to("cpu").requires_grad_(False)
     with torch.enable_grad():
