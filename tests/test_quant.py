@@ -186,3 +186,35 @@ def test_4bit_training_forward_reuses_one_buffer_and_matches_bitsandbytes(dtype)
     assert quant._SCRATCH.buffers[dtype] is buffer
     with torch.no_grad():  # inference keeps bitsandbytes' own kernels
         assert quant.reusing_4bit_linear(layer, x) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_8bit_training_forward_reuses_the_buffer_and_matches_bitsandbytes(dtype):
+    """In CPU training an 8-bit base layer is dequantized into the reused buffer, exactly as bitsandbytes'
+    training path computes it: same output and input gradient, bit for bit; eval mode and inference
+    keep bitsandbytes' own kernels."""
+    import bitsandbytes as bnb
+
+    from loraforge import quant
+
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(128, 96, bias=True)
+    layer = bnb.nn.Linear8bitLt(128, 96, bias=True, has_fp16_weights=False, threshold=0.0)
+    layer.load_state_dict(plain.state_dict())
+    layer = layer.to("cpu").requires_grad_(False).train()
+    x = torch.randn(3, 5, 128, dtype=dtype, requires_grad=True)
+
+    expected = layer(x)  # the first call moves the int8 rows into the layer's state
+    expected.float().square().sum().backward()
+    expected_grad, x.grad = x.grad, None
+
+    got = quant.reusing_linear(layer, x)
+    assert got is not None and got.dtype == dtype
+    buffer = quant._SCRATCH.buffers[dtype]
+    got.float().square().sum().backward()
+    assert torch.equal(got, expected) and torch.equal(x.grad, expected_grad)
+    assert torch.equal(quant.reusing_linear(layer, x.detach()), expected)
+    assert quant._SCRATCH.buffers[dtype] is buffer
+    assert quant.reusing_linear(layer.eval(), x) is None
+    with torch.no_grad():
+        assert quant.reusing_linear(layer.train(), x) is None

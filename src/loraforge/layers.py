@@ -29,7 +29,7 @@ from torch import nn
 
 from loraforge.errors import UserError
 from loraforge.kernels import LinearWithLora
-from loraforge.quant import avoid_broken_cpu_repack, dequantize_weight, is_quantized, reusing_4bit_linear
+from loraforge.quant import avoid_broken_cpu_repack, dequantize_weight, is_quantized, reusing_linear
 
 
 def is_gpt2_conv1d(module: nn.Module) -> bool:
@@ -293,9 +293,9 @@ class LoraLayer(nn.Module):
         return result
 
     def _base_forward(self, x, *args, **kwargs):
-        """The base layer's output; a 4-bit base in CPU training reuses one dequantization buffer."""
+        """The base layer's output; a quantized base in CPU training reuses one dequantization buffer."""
         if self.quantized and not args and not kwargs:
-            reused = reusing_4bit_linear(self.base_layer, x)
+            reused = reusing_linear(self.base_layer, x)
             if reused is not None:
                 return reused
         return self.base_layer(x, *args, **kwargs)

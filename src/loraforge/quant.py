@@ -163,6 +163,14 @@ class _Scratch(threading.local):
 _SCRATCH = _Scratch()
 
 
+def _scratch(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    """A (rows, cols) view of this thread's buffer for `dtype`, grown to fit."""
+    flat = _SCRATCH.buffers.get(dtype)
+    if flat is None or flat.numel() < rows * cols:
+        flat = _SCRATCH.buffers[dtype] = torch.empty(rows * cols, dtype=dtype)
+    return flat[: rows * cols].view(rows, cols)
+
+
 def _dequantize_into_scratch(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """The layer's (out, in) weight in `dtype`, written into this thread's buffer for that dtype."""
     bnb = require_bitsandbytes()
@@ -173,10 +181,7 @@ def _dequantize_into_scratch(module: nn.Module, dtype: torch.dtype) -> torch.Ten
         absmax = bnb.functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
     absmax = absmax.float().contiguous()
     rows, cols = state.shape
-    flat = _SCRATCH.buffers.get(dtype)
-    if flat is None or flat.numel() < rows * cols:
-        flat = _SCRATCH.buffers[dtype] = torch.empty(rows * cols, dtype=dtype)
-    out = flat[: rows * cols].view(rows, cols)
+    out = _scratch(rows, cols, dtype)
     packed = weight.data.view(torch.uint8).reshape(rows, cols // 2).contiguous()
     _dequantize_kernel(state.quant_type, dtype)(
         ctypes.c_void_p(packed.data_ptr()),
@@ -203,6 +208,63 @@ class _Reusing4bitLinear(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return None, None
         return grad @ _dequantize_into_scratch(ctx.module, grad.dtype), None
+
+
+def reusing_8bit_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """``x @ W.T + b`` of a bitsandbytes 8-bit layer in CPU training, computed as bitsandbytes' own
+    training path does (`MatMul8bitFp`: the int8 rows in x's dtype times SCB / 127, then a float
+    matmul, in forward and again for the input gradient), with W written into this thread's reused
+    buffer instead of a fresh tensor at every call (a 1B model's step spent a third of its time
+    writing such fresh tensors); None where this does not apply."""
+    if not torch.is_grad_enabled() or x.device.type != "cpu" or quant_kind(module) != "8bit":
+        return None
+    state, weight, bias = getattr(module, "state", None), module.weight, module.bias
+    if (
+        state is None
+        or not module.training  # bitsandbytes' eval path is another kernel (int8 matmul)
+        or state.has_fp16_weights
+        or state.CB is None
+        or state.SCB is None
+        or getattr(weight, "CB", None) is not None  # not yet moved into the state: let bitsandbytes
+        or not x.dtype.is_floating_point
+        or weight.requires_grad
+        or (bias is not None and bias.requires_grad)
+        or module._forward_hooks
+        or module._forward_pre_hooks
+        or torch.is_autocast_enabled("cpu")
+    ):
+        return None
+    return _Reusing8bitLinear.apply(x, module)
+
+
+def _int8_into_scratch(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    CB, SCB = module.state.CB, module.state.SCB
+    return _scratch(*CB.shape, dtype).copy_(CB).mul_(SCB.unsqueeze(1).mul(1.0 / 127.0))
+
+
+class _Reusing8bitLinear(torch.autograd.Function):
+    """y = x W^T + b with W = int8 rows x SCB / 127 written into the scratch buffer (forward and backward)."""
+
+    @staticmethod
+    def forward(ctx, x, module):  # x: (..., in) -> (..., out), in x's dtype
+        ctx.module, ctx.shape, ctx.dtype = module, x.shape, x.dtype
+        bias = None if module.bias is None else module.bias.to(x.dtype)
+        return F.linear(x, _int8_into_scratch(module, x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad):  # grad: (..., out) -> (..., in)
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        g = grad.reshape(-1, grad.shape[-1]).contiguous().to(ctx.dtype)
+        return (g @ _int8_into_scratch(ctx.module, ctx.dtype)).view(ctx.shape), None
+
+
+def reusing_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """`reusing_4bit_linear` or `reusing_8bit_linear`, by the layer's kind; None for other layers."""
+    kind = quant_kind(module)
+    if kind == "4bit":
+        return reusing_4bit_linear(module, x)
+    return reusing_8bit_linear(module, x) if kind == "8bit" else None
 
 
 def compute_dtype(module: nn.Module) -> torch.dtype:
