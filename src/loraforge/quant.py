@@ -139,7 +139,7 @@ def reusing_4bit_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor | No
         or _dequantize_kernel(state.quant_type, dtype) is None
     ):
         return None
-    return _Reusing4bitLinear.apply(x.to(dtype), module).to(x.dtype)
+    return _ReusingLinear.apply(x.to(dtype), module, _dequantize_into_scratch).to(x.dtype)
 
 
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -194,20 +194,22 @@ def _dequantize_into_scratch(module: nn.Module, dtype: torch.dtype) -> torch.Ten
     return out
 
 
-class _Reusing4bitLinear(torch.autograd.Function):
-    """y = x W^T + b with W dequantized into the scratch buffer in forward and again in backward."""
+class _ReusingLinear(torch.autograd.Function):
+    """y = x W^T + b with W written by `fill(module, dtype)` into the scratch buffer, in forward and
+    again in backward (for the input gradient; the base is frozen)."""
 
     @staticmethod
-    def forward(ctx, x, module):  # x: (..., in) in the layer's compute dtype -> (..., out)
-        ctx.module = module
+    def forward(ctx, x, module, fill):  # x: (..., in) -> (..., out), in x's dtype
+        ctx.module, ctx.fill, ctx.shape, ctx.dtype = module, fill, x.shape, x.dtype
         bias = None if module.bias is None else module.bias.to(x.dtype)
-        return F.linear(x, _dequantize_into_scratch(module, x.dtype), bias)
+        return F.linear(x, fill(module, x.dtype), bias)
 
     @staticmethod
     def backward(ctx, grad):  # grad: (..., out) -> (..., in)
         if not ctx.needs_input_grad[0]:
-            return None, None
-        return grad @ _dequantize_into_scratch(ctx.module, grad.dtype), None
+            return None, None, None
+        g = grad.reshape(-1, grad.shape[-1]).contiguous().to(ctx.dtype)
+        return (g @ ctx.fill(ctx.module, ctx.dtype)).view(ctx.shape), None, None
 
 
 def reusing_8bit_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
@@ -234,29 +236,12 @@ def reusing_8bit_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor | No
         or torch.is_autocast_enabled("cpu")
     ):
         return None
-    return _Reusing8bitLinear.apply(x, module)
+    return _ReusingLinear.apply(x, module, _int8_into_scratch)
 
 
 def _int8_into_scratch(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     CB, SCB = module.state.CB, module.state.SCB
     return _scratch(*CB.shape, dtype).copy_(CB).mul_(SCB.unsqueeze(1).mul(1.0 / 127.0))
-
-
-class _Reusing8bitLinear(torch.autograd.Function):
-    """y = x W^T + b with W = int8 rows x SCB / 127 written into the scratch buffer (forward and backward)."""
-
-    @staticmethod
-    def forward(ctx, x, module):  # x: (..., in) -> (..., out), in x's dtype
-        ctx.module, ctx.shape, ctx.dtype = module, x.shape, x.dtype
-        bias = None if module.bias is None else module.bias.to(x.dtype)
-        return F.linear(x, _int8_into_scratch(module, x.dtype), bias)
-
-    @staticmethod
-    def backward(ctx, grad):  # grad: (..., out) -> (..., in)
-        if not ctx.needs_input_grad[0]:
-            return None, None
-        g = grad.reshape(-1, grad.shape[-1]).contiguous().to(ctx.dtype)
-        return (g @ _int8_into_scratch(ctx.module, ctx.dtype)).view(ctx.shape), None
 
 
 def reusing_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
