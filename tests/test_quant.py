@@ -169,23 +169,23 @@ def test_4bit_training_forward_reuses_one_buffer_and_matches_bitsandbytes(dtype)
     expected.float().square().sum().backward()
     expected_grad, x.grad = x.grad, None
 
-    got = quant.reusing_4bit_linear(layer, x)
+    got = quant.reusing_linear(layer, x)
     assert got is not None
     buffer = quant._SCRATCH.buffers[dtype]
     assert buffer.numel() >= 96 * 128
     got.float().square().sum().backward()
     assert torch.equal(got, expected) and torch.equal(x.grad, expected_grad)
-    again = quant.reusing_4bit_linear(layer, x.detach())
+    again = quant.reusing_linear(layer, x.detach())
     assert torch.equal(again, expected) and quant._SCRATCH.buffers[dtype] is buffer
 
     small = bnb.nn.Linear4bit(128, 40, bias=False, compute_dtype=dtype, quant_type="nf4").to(dtype)
     small.load_state_dict(torch.nn.Linear(128, 40, bias=False).to(dtype).state_dict())
     small = small.to("cpu").requires_grad_(False)
     with torch.enable_grad():
-        assert torch.equal(quant.reusing_4bit_linear(small, x.detach()), small(x.detach()))
+        assert torch.equal(quant.reusing_linear(small, x.detach()), small(x.detach()))
     assert quant._SCRATCH.buffers[dtype] is buffer
     with torch.no_grad():  # inference keeps bitsandbytes' own kernels
-        assert quant.reusing_4bit_linear(layer, x) is None
+        assert quant.reusing_linear(layer, x) is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -110,20 +110,35 @@ def dequantize_weight(module: nn.Module, dtype: torch.dtype = torch.float32) -> 
     return W.to(dtype)
 
 
-def reusing_4bit_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """``x @ W.T + b`` of a bitsandbytes 4-bit layer during CPU training, with W dequantized into one
+def reusing_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """``x @ W.T + b`` of a frozen bitsandbytes layer during CPU training, with W dequantized into one
     buffer per thread and dtype that every call reuses (sized for the largest weight: each call has
-    used its W before the next one writes there); None where this does not apply
-    (the caller then runs the layer itself).
+    used its W before the next one writes there); None where this does not apply (the caller then
+    runs the layer itself).
 
-    bitsandbytes' own training path allocates a fresh dequantized W (up to tens of MB) at every call,
+    bitsandbytes' own training paths allocate a fresh dequantized W (up to tens of MB) at every call,
     three times per layer and step under checkpointing (forward, recompute, backward). glibc keeps such
-    freed blocks in its fragmented heap: fine-tuning a 1B Llama on nf4 held about 1 GB more than it
-    used. The values are bitsandbytes' own: its CPU kernel writes them, here into the buffer."""
-    if not torch.is_grad_enabled() or x.device.type != "cpu" or quant_kind(module) != "4bit":
+    freed blocks in its fragmented heap (fine-tuning a 1B Llama on nf4 held about 1 GB more than it
+    used), and writing fresh pages took a third of a 1B int8 step. The values are bitsandbytes' own,
+    bit for bit (`_reusing_4bit`, `_reusing_8bit`)."""
+    kind = quant_kind(module)
+    if (
+        kind is None
+        or not torch.is_grad_enabled()
+        or x.device.type != "cpu"
+        or module.weight.requires_grad
+        or (module.bias is not None and module.bias.requires_grad)
+        or module._forward_hooks
+        or module._forward_pre_hooks
+        or torch.is_autocast_enabled("cpu")
+    ):
         return None
-    weight, bias = module.weight, module.bias
-    state = getattr(weight, "quant_state", None)
+    return _reusing_4bit(module, x) if kind == "4bit" else _reusing_8bit(module, x)
+
+
+def _reusing_4bit(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """A 4-bit layer: bitsandbytes' own CPU kernel writes W, in the layer's compute dtype."""
+    state = getattr(module.weight, "quant_state", None)
     dtype = getattr(module, "compute_dtype", None)
     if (
         state is None
@@ -131,11 +146,6 @@ def reusing_4bit_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor | No
         or getattr(state, "packing_format_for_cpu", False)
         or state.blocksize >= 2048  # bitsandbytes itself avoids its AVX512 kernel there
         or state.shape[-1] % 2
-        or weight.requires_grad
-        or (bias is not None and bias.requires_grad)
-        or module._forward_hooks
-        or module._forward_pre_hooks
-        or torch.is_autocast_enabled("cpu")
         or _dequantize_kernel(state.quant_type, dtype) is None
     ):
         return None
@@ -212,28 +222,18 @@ class _ReusingLinear(torch.autograd.Function):
         return (g @ ctx.fill(ctx.module, ctx.dtype)).view(ctx.shape), None, None
 
 
-def reusing_8bit_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """``x @ W.T + b`` of a bitsandbytes 8-bit layer in CPU training, computed as bitsandbytes' own
-    training path does (`MatMul8bitFp`: the int8 rows in x's dtype times SCB / 127, then a float
-    matmul, in forward and again for the input gradient), with W written into this thread's reused
-    buffer instead of a fresh tensor at every call (a 1B model's step spent a third of its time
-    writing such fresh tensors); None where this does not apply."""
-    if not torch.is_grad_enabled() or x.device.type != "cpu" or quant_kind(module) != "8bit":
-        return None
-    state, weight, bias = getattr(module, "state", None), module.weight, module.bias
+def _reusing_8bit(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """An 8-bit layer, computed as bitsandbytes' training path does (`MatMul8bitFp`: the int8 rows in
+    x's dtype times SCB / 127, then a float matmul, in forward and again for the input gradient)."""
+    state = getattr(module, "state", None)
     if (
         state is None
         or not module.training  # bitsandbytes' eval path is another kernel (int8 matmul)
         or state.has_fp16_weights
         or state.CB is None
         or state.SCB is None
-        or getattr(weight, "CB", None) is not None  # not yet moved into the state: let bitsandbytes
+        or getattr(module.weight, "CB", None) is not None  # not yet moved into the state: let bitsandbytes
         or not x.dtype.is_floating_point
-        or weight.requires_grad
-        or (bias is not None and bias.requires_grad)
-        or module._forward_hooks
-        or module._forward_pre_hooks
-        or torch.is_autocast_enabled("cpu")
     ):
         return None
     return _ReusingLinear.apply(x, module, _int8_into_scratch)
@@ -242,14 +242,6 @@ def reusing_8bit_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor | No
 def _int8_into_scratch(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     CB, SCB = module.state.CB, module.state.SCB
     return _scratch(*CB.shape, dtype).copy_(CB).mul_(SCB.unsqueeze(1).mul(1.0 / 127.0))
-
-
-def reusing_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """`reusing_4bit_linear` or `reusing_8bit_linear`, by the layer's kind; None for other layers."""
-    kind = quant_kind(module)
-    if kind == "4bit":
-        return reusing_4bit_linear(module, x)
-    return reusing_8bit_linear(module, x) if kind == "8bit" else None
 
 
 def compute_dtype(module: nn.Module) -> torch.dtype:
