@@ -189,13 +189,16 @@ def test_4bit_training_forward_reuses_one_buffer_and_matches_bitsandbytes(dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_8bit_training_forward_reuses_the_buffer_and_matches_bitsandbytes(dtype):
+def test_8bit_training_forward_reuses_the_buffer_and_matches_bitsandbytes(dtype, monkeypatch):
     """In CPU training an 8-bit base layer is dequantized into the reused buffer, exactly as bitsandbytes'
-    training path computes it: same output and input gradient, bit for bit; eval mode and inference
-    keep bitsandbytes' own kernels."""
+    training path computes it: same output and input gradient, bit for bit (also when the weight goes
+    through float32 in several chunks, the last one short); eval mode and inference keep bitsandbytes'
+    own kernels."""
     import bitsandbytes as bnb
 
     from loraforge import quant
+
+    monkeypatch.setattr(quant, "_INT8_CHUNK", 128 * 10)  # 96 rows: 10 chunks of 10 rows, the last of 6
 
     torch.manual_seed(0)
     plain = torch.nn.Linear(128, 96, bias=True)
