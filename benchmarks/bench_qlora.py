@@ -18,13 +18,16 @@ transformers' `from_pretrained` + `peft.get_peft_model` (without `prepare_model_
 which would upcast every unquantized weight to fp32 and only add memory to PEFT's column).
 
 Each (base, library) runs in a fresh process, alternating libraries, so one cannot inflate another's
-memory. Peak memory is the process's resident set (Python, libraries, model, everything), sampled every
+memory. With `--rounds N` every run is repeated N times, the libraries swapping order each round (the
+machine's speed drifts); the table then gives the median of each rate, the largest of each peak, and the
+loraforge / PEFT speed ratio of every round. Peak memory is the process's resident set (Python, libraries, model, everything), sampled every
 10 ms from the end of loading to the last optimizer step: "peak RSS" (VmRSS) and its anonymous part
 ("anon": RSS less file-backed pages such as a memory-mapped checkpoint, which the kernel can drop).
 The loading transient (VmHWM at the end of loading: while quantizing, the checkpoint's mapped pages
 are resident too) is reported separately.
 
-    nice python benchmarks/bench_qlora.py                        # all 8 runs, ~25 min on 2 CPU cores
+    nice python benchmarks/bench_qlora.py                        # all 8 runs, ~7 min on 2 CPU cores
+    nice python benchmarks/bench_qlora.py --rounds 5             # medians of 5 alternated rounds, ~35 min
     python benchmarks/bench_qlora.py --bases nf4 --libs loraforge --layers 2 --warmup 0 --steps 1
 """
 
@@ -34,6 +37,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import threading
@@ -205,14 +209,43 @@ def run_one(lib: str, base: str, args) -> dict:
     )
 
 
+def summarize(results: list[dict]) -> dict[tuple[str, str], dict]:
+    """Per (base, library) over the rounds: the median of each rate, the largest of each peak."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["base"], r["lib"]), []).append(r)
+    out = {}
+    for key, runs in groups.items():
+        agg = {
+            k: statistics.median(r[k] for r in runs)
+            for k in ("tokens_per_s", "tokens_per_cpu_s", "s_per_step")
+        }
+        agg.update({k: max(r[k] for r in runs) for k in ("peak_gb", "peak_anon_gb", "load_hwm_gb")})
+        agg["rounds"] = len(runs)
+        out[key] = agg
+    return out
+
+
+def speed_ratios(results: list[dict], base: str) -> list[float]:
+    """loraforge / PEFT tokens/s of each round that ran both on `base`."""
+    by_round = {}
+    for r in results:
+        if r["base"] == base:
+            by_round.setdefault(r["round"], {})[r["lib"]] = r["tokens_per_s"]
+    return [v["loraforge"] / v["peft"] for v in by_round.values() if len(v) == 2]
+
+
 def table(results: list[dict]) -> str:
-    by = {(r["base"], r["lib"]): r for r in results}
+    by = summarize(results)
     bases = [b for b in BASES if any(k[0] == b for k in by)]
     fp32 = {lib: by[("fp32", lib)]["peak_gb"] for lib in LIBS if ("fp32", lib) in by}
+    rounds = max(r["rounds"] for r in by.values()) if by else 0
     lines = [
-        "| base | peak RSS GB (lf / PEFT) | anon GB (lf / PEFT) | tokens/s (lf / PEFT) "
-        "| tokens per CPU-s (lf / PEFT) | lf peak / lf fp32 | loading peak GB (lf / PEFT) |",
-        "|---|---|---|---|---|---|---|",
+        f"{rounds} round(s); rates: median over the rounds; peaks: the largest",
+        "",
+        "| base | peak RSS GB (lf / PEFT) | anon GB (lf / PEFT) | tokens/s (lf / PEFT) | lf / PEFT tokens/s "
+        "(median, each round) | tokens per CPU-s (lf / PEFT) | lf peak / lf fp32 | loading peak GB (lf / PEFT) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for b in bases:
         lf, pf = by.get((b, "loraforge")), by.get((b, "peft"))
@@ -221,13 +254,17 @@ def table(results: list[dict]) -> str:
             return format(r[key], fmt) if r else "-"
 
         ratio = f"{lf['peak_gb'] / fp32['loraforge']:.2f}x" if lf and "loraforge" in fp32 else "-"
+        speed = speed_ratios(results, b)
+        speed_cell = (
+            f"{statistics.median(speed):.2f}x ({', '.join(f'{x:.2f}' for x in speed)})" if speed else "-"
+        )
 
         def pair(key, fmt, lf=lf, pf=pf):
             return f"{cell(lf, key, fmt)} / {cell(pf, key, fmt)}"
 
         lines.append(
-            f"| {b} | {pair('peak_gb', '.2f')} | {pair('peak_anon_gb', '.2f')} | {pair('tokens_per_s', '.2f')} "
-            f"| {pair('tokens_per_cpu_s', '.2f')} | {ratio} | {pair('load_hwm_gb', '.2f')} |"
+            f"| {b} | {pair('peak_gb', '.2f')} | {pair('peak_anon_gb', '.2f')} | {pair('tokens_per_s', '.1f')} "
+            f"| {speed_cell} | {pair('tokens_per_cpu_s', '.1f')} | {ratio} | {pair('load_hwm_gb', '.2f')} |"
         )
     return "\n".join(lines)
 
@@ -240,6 +277,9 @@ def main() -> int:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="repeat every run; the libraries swap order each round"
+    )
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--model-dir", default=None, help="checkpoint to reuse (built if missing)")
     parser.add_argument("--json", default=None, help="also write the results here")
@@ -268,29 +308,33 @@ def main() -> int:
     passthrough = ["--layers", str(args.layers), "--seq", str(args.seq), "--warmup", str(args.warmup)]
     passthrough += ["--steps", str(args.steps), "--threads", str(args.threads), "--model-dir", args.model_dir]
     passthrough += ["--low-memory"] if args.low_memory else []
-    for base in args.bases:
-        for lib in args.libs:
-            out = subprocess.run(
-                [sys.executable, __file__, "--one", lib, base, *passthrough],
-                capture_output=True,
-                text=True,
-            )
-            lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-            if out.returncode or not lines:
-                print(f"{lib} / {base} failed:\n{out.stderr[-3000:]}", flush=True)
-                continue
-            r = json.loads(lines[-1][len("RESULT ") :])
-            results.append(r)
-            print(
-                f"{base:5s} {lib:9s} peak {r['peak_gb']:.2f} GB (anon {r['peak_anon_gb']:.2f}, after load "
-                f"{r['loaded_gb']:.2f}, loading peak {r['load_hwm_gb']:.2f}), "
-                f"{r['tokens_per_s']:.1f} tok/s, {r['s_per_step']:.1f} s/step, "
-                f"{r['page_faults_per_step'] / 1000:.0f}k page faults/step, loss {r['losses']}",
-                flush=True,
-            )
+    for round_ in range(args.rounds):
+        for base in args.bases:
+            # Alternate which library goes first, so that drift in the machine's speed evens out.
+            for lib in args.libs if round_ % 2 == 0 else args.libs[::-1]:
+                out = subprocess.run(
+                    [sys.executable, __file__, "--one", lib, base, *passthrough],
+                    capture_output=True,
+                    text=True,
+                )
+                lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+                if out.returncode or not lines:
+                    print(f"{lib} / {base} failed:\n{out.stderr[-3000:]}", flush=True)
+                    continue
+                r = json.loads(lines[-1][len("RESULT ") :])
+                r["round"] = round_
+                results.append(r)
+                print(
+                    f"round {round_} {base:5s} {lib:9s} peak {r['peak_gb']:.2f} GB (anon {r['peak_anon_gb']:.2f}, "
+                    f"after load {r['loaded_gb']:.2f}, loading peak {r['load_hwm_gb']:.2f}), "
+                    f"{r['tokens_per_s']:.1f} tok/s, {r['s_per_step']:.1f} s/step, "
+                    f"{r['page_faults_per_step'] / 1000:.0f}k page faults/step, loss {r['losses']}",
+                    flush=True,
+                )
     print()
     print(
-        f"{args.layers} layers, {args.seq} tokens, batch 1, {args.warmup} warmup + {args.steps} timed steps"
+        f"{args.layers} layers, {args.seq} tokens, batch 1, {args.warmup} warmup + {args.steps} timed steps, "
+        f"{args.threads} threads"
     )
     print(table(results))
     if args.json:

@@ -242,8 +242,13 @@ def head_cross_entropy(head: nn.Module, hidden: torch.Tensor, targets: torch.Ten
     While autograd records, each chunk's gradients (for `hidden` and the head's trainable parameters)
     are taken right away and scaled in the backward pass: the loss is the last operation, so that
     gives the plain result without keeping, or recomputing, any logits."""
-    with torch.no_grad():
-        vocab = head(hidden[:1].detach()).shape[-1]
+    # the head's (or its wrapped layer's) output size; else one row through the head tells it
+    vocab = next(
+        (m.out_features for m in head.modules() if isinstance(getattr(m, "out_features", None), int)), None
+    )
+    if vocab is None:
+        with torch.no_grad():
+            vocab = head(hidden[:1].detach()).shape[-1]
     rows = max(1, HEAD_CHUNK_BYTES // (4 * vocab))
     params = [p for p in head.parameters() if p.requires_grad]
     if not torch.is_grad_enabled() or not (hidden.requires_grad or params):
