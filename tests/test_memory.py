@@ -44,10 +44,13 @@ def test_freed_large_tensors_are_returned_to_the_system():
 
 
 TRIM_SCRIPT = """
+import sys
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from loraforge.runtime import hold_heap_down
+
+slack_mb, phase = int(sys.argv[1]), sys.argv[2]
 
 def rss_mb():
     with open("/proc/self/status") as fh:
@@ -56,28 +59,42 @@ def rss_mb():
 torch.manual_seed(0)
 config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                      num_key_value_heads=2, vocab_size=100)
-model = LlamaForCausalLM(config).eval()
+model = LlamaForCausalLM(config)
 ids = torch.randint(0, 100, (1, 8))
-with torch.no_grad():
-    expected = model(ids).logits
-handles = hold_heap_down(model)
+expected = model(ids).logits
+handles = hold_heap_down(model, slack=slack_mb << 20)
+logits = model(ids).logits  # records the graph: the blocks' backward pre-hooks fire in backward
 big, small = [], []
-for _ in range(40):  # 2 MiB blocks (under the 4 MiB threshold: heap memory), 128 KiB live ones between
+for _ in range(40):  # 2 MiB blocks (under the 64 MiB threshold: heap memory), 128 KiB live ones between
     big.append(torch.empty(2 << 18).fill_(1))
     small.append(torch.empty(32 << 10).fill_(1))
 del big
 before = rss_mb()
-with torch.no_grad():
-    same = torch.equal(model(ids).logits, expected)
-print(len(handles), same, before - rss_mb())
+if phase == "forward":
+    with torch.no_grad():
+        logits = model(ids).logits
+else:
+    logits.sum().backward()
+print(len(handles), torch.equal(logits, expected), before - rss_mb())
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc and /proc are Linux's")
-def test_heap_is_trimmed_before_each_transformer_block():
-    out = subprocess.run([sys.executable, "-c", TRIM_SCRIPT], capture_output=True, text=True, check=True)
+def trimmed(slack_mb: int, phase: str) -> tuple[int, bool, float]:
+    out = subprocess.run(
+        [sys.executable, "-c", TRIM_SCRIPT, str(slack_mb), phase], capture_output=True, text=True, check=True
+    )
     hooks, same, released = out.stdout.split()[-3:]
-    # One pre-hook per decoder layer; the model computes what it did; the 80 MiB freed inside the heap
-    # leave the process when the first block runs.
-    assert int(hooks) == 3 and same == "True"
-    assert float(released) > 60
+    return int(hooks), same == "True", float(released)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc and /proc are Linux's")
+@pytest.mark.parametrize("phase", ["forward", "backward"])
+def test_heap_is_trimmed_before_a_transformer_block_once_it_has_grown_by_the_slack(phase):
+    # A forward and a backward pre-hook per decoder layer; the model computes what it did; the 80 MiB
+    # freed inside the heap leave the process when the next block runs (forward) or when the backward
+    # pass reaches a block ...
+    hooks, same, released = trimmed(32, phase)
+    assert hooks == 6 and same
+    assert released > 60
+    # ... but stay there, for reuse without page faults, while the heap has grown by less than the slack.
+    assert trimmed(512, phase)[2] < 20

@@ -492,7 +492,9 @@ class LoraLinear(LoraLayer):
                 return result
             flat = result.reshape(-1, self.out_features)
             return torch.addmm(flat, xa, B.T, alpha=scale).view(result.shape)
-        return result + ((h @ A.T) @ B.T * scale).to(
+        # The scale goes on the rank-r product: on the (tokens x out) one it would cost a pass and a
+        # full-size temporary, forward and backward.
+        return result + (((h @ A.T) * scale) @ B.T).to(
             result.dtype if isinstance(result, torch.Tensor) else B.dtype
         )
 

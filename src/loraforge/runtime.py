@@ -212,28 +212,42 @@ def _fix_mmap_threshold(nbytes: int) -> None:
 _mmap_threshold_fixed = False
 
 
-def hold_heap_down(model: torch.nn.Module) -> list:
+def hold_heap_down(model: torch.nn.Module, slack: int = 128 << 20) -> list:
     """Keeps glibc's heap near the live working set while a model with a 4-bit base trains on CPU.
 
-    Two measures: blocks of 4 MiB and more come from the system and go back to it when freed (a fixed
-    mmap threshold), and the heap's free pages are handed back (`malloc_trim`) before each transformer
-    block runs, forward and recompute, from a forward pre-hook on the blocks (the model's
-    ``_no_split_modules`` classes). A 1B Llama on an nf4 base (`benchmarks/bench_qlora.py`): peak
-    1.58 -> 1.39 GB, 81 -> 75-81 tokens/s. On a bf16 base the same cost 28% of the speed (its
-    activations refault the trimmed pages), so `loraforge train` uses it for 4-bit bases only.
-    Returns the hook handles (remove them to stop trimming); does nothing off glibc."""
+    Before each transformer block runs, forward and backward (pre-hooks on the model's
+    ``_no_split_modules`` classes), the heap's free pages go back to the system (`malloc_trim`) when
+    the resident set has grown by more than `slack` bytes since the last time. Every page handed back
+    is faulted in again when the heap reuses it, and faults are dear (2.6 us per 4 KiB page in this
+    project's sandbox), so trimming at every block is too much. Blocks under 64 MiB come from the heap
+    (a fixed mmap threshold), where they are reused without faults. A 1B Llama on an nf4 base
+    (`benchmarks/bench_qlora.py`, 1 warmup + 3 steps): untrimmed 1.52 GB peak at 89 tokens/s; trimmed
+    at every block 1.28 GB at 68; with the default 128 MiB slack 1.36 GB at 77. Not used for bf16
+    bases (there the same cost a quarter of the speed). Returns the hook handles (remove them to stop
+    trimming); does nothing off glibc."""
     libc = _glibc()
     if libc is None:
         return []
-    _fix_mmap_threshold(4 << 20)
+    _fix_mmap_threshold(64 << 20)
     names = set()
     for module in model.modules():
         names.update(getattr(module, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    last_trim = {"resident": _resident_bytes()}
 
-    def trim(module, args):
-        libc.malloc_trim(0)
+    def trim(*_):
+        if _resident_bytes() - last_trim["resident"] > slack:
+            libc.malloc_trim(0)
+            last_trim["resident"] = _resident_bytes()
 
-    return [m.register_forward_pre_hook(trim) for m in model.modules() if type(m).__name__ in names]
+    return [m.register_forward_pre_hook(trim) for m in blocks] + [
+        m.register_full_backward_pre_hook(trim) for m in blocks
+    ]
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm", "rb") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def trim_heap() -> None:

@@ -366,7 +366,7 @@ class TextTask(Task):
         self.lora = get_lora_model(model, lora_config)
         self.model = self.lora
         if c.quantize in ("nf4", "fp4") and accelerator.device.type == "cpu":
-            hold_heap_down(self.lora)  # glibc's heap would keep ~0.2 GB of freed blocks on a 1B model
+            hold_heap_down(self.lora)  # glibc's heap would keep ~0.25 GB of freed blocks on a 1B model
         trainable, total = self.lora.get_nb_trainable_parameters()
         targets = self.lora.peft_config["default"].target_modules
         targets = ", ".join(targets) if isinstance(targets, list) else targets
