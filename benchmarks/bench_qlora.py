@@ -26,8 +26,8 @@ loraforge / PEFT speed ratio of every round. Peak memory is the process's reside
 The loading transient (VmHWM at the end of loading: while quantizing, the checkpoint's mapped pages
 are resident too) is reported separately.
 
-    nice python benchmarks/bench_qlora.py                        # all 8 runs, ~7 min on 2 CPU cores
-    nice python benchmarks/bench_qlora.py --rounds 5             # medians of 5 alternated rounds, ~35 min
+    nice python benchmarks/bench_qlora.py                        # all 8 runs, ~5 min on 2 CPU cores
+    nice python benchmarks/bench_qlora.py --rounds 5             # medians of 5 alternated rounds, ~25 min
     python benchmarks/bench_qlora.py --bases nf4 --libs loraforge --layers 2 --warmup 0 --steps 1
 """
 

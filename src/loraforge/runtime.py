@@ -240,8 +240,16 @@ def hold_heap_down(model: torch.nn.Module, slack: int = 128 << 20) -> list:
             libc.malloc_trim(0)
             last_trim["resident"] = _resident_bytes()
 
+    def trim_before_backward(module, args, output):
+        # The gradient of a block's output arrives just before the block's backward (and, under
+        # checkpointing, its recompute) runs. (A full backward pre-hook would do the same, but warns
+        # where no block input requires grad, as with a frozen embedding.)
+        out = output[0] if isinstance(output, (tuple, list)) else output
+        if isinstance(out, torch.Tensor) and out.requires_grad:
+            out.register_hook(trim)
+
     return [m.register_forward_pre_hook(trim) for m in blocks] + [
-        m.register_full_backward_pre_hook(trim) for m in blocks
+        m.register_forward_hook(trim_before_backward) for m in blocks
     ]
 
 

@@ -190,7 +190,7 @@ class TrainConfig:
 
     low_memory: bool = False
     """On CPU, give freed memory back to the system at once (glibc's mmap threshold fixed at 1 MiB):
-    a lower peak (a 1B Llama on an nf4 base: 1.28 instead of 1.39 GB) for slower steps (there 1.5x:
+    a lower peak (a 1B Llama on an nf4 base: 1.28 instead of 1.36 GB) for slower steps (there 1.5x:
     every tensor of 1 MiB or more then gets fresh pages). Results are the same."""
 
     # What may differ when a run is resumed: none of these change the trained weights, except the
