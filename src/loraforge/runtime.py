@@ -215,8 +215,8 @@ _mmap_threshold_fixed = False
 def hold_heap_down(model: torch.nn.Module, slack: int = 128 << 20) -> list:
     """Keeps glibc's heap near the live working set while a model with a 4-bit base trains on CPU.
 
-    Before each transformer block runs, forward and backward (pre-hooks on the model's
-    ``_no_split_modules`` classes), the heap's free pages go back to the system (`malloc_trim`) when
+    Before each transformer block runs, forward and backward (a forward pre-hook on the model's
+    ``_no_split_modules`` classes, and a hook on the gradient of their output), the heap's free pages go back to the system (`malloc_trim`) when
     the resident set has grown by more than `slack` bytes since the last time. Every page handed back
     is faulted in again when the heap reuses it, and faults are dear (2.6 us per 4 KiB page in this
     project's sandbox), so trimming at every block is too much. Blocks under 64 MiB come from the heap
