@@ -19,10 +19,11 @@ which would upcast every unquantized weight to fp32 and only add memory to PEFT'
 
 Each (base, library) runs in a fresh process, alternating libraries, so one cannot inflate another's
 memory. With `--rounds N` every run is repeated N times, the libraries swapping order each round (the
-machine's speed drifts); the table then gives the median of each rate, the largest of each peak, and the
-loraforge / PEFT speed ratio of every round. Peak memory is the process's resident set (Python, libraries, model, everything), sampled every
-10 ms from the end of loading to the last optimizer step: "peak RSS" (VmRSS) and its anonymous part
-("anon": RSS less file-backed pages such as a memory-mapped checkpoint, which the kernel can drop).
+machine's speed drifts); the table then gives the median of each rate, the largest of each peak, and
+the loraforge / PEFT speed ratio of every round. Peak memory is the process's resident set (Python,
+libraries, model, everything), sampled every 10 ms from the end of loading to the last optimizer step:
+"peak RSS" (VmRSS) and its anonymous part ("anon": RSS less file-backed pages such as a memory-mapped
+checkpoint, which the kernel can drop).
 The loading transient (VmHWM at the end of loading: while quantizing, the checkpoint's mapped pages
 are resident too) is reported separately.
 

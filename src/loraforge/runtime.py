@@ -216,8 +216,9 @@ def hold_heap_down(model: torch.nn.Module, slack: int = 128 << 20) -> list:
     """Keeps glibc's heap near the live working set while a model with a 4-bit base trains on CPU.
 
     Before each transformer block runs, forward and backward (a forward pre-hook on the model's
-    ``_no_split_modules`` classes, and a hook on the gradient of their output), the heap's free pages go back to the system (`malloc_trim`) when
-    the resident set has grown by more than `slack` bytes since the last time. Every page handed back
+    ``_no_split_modules`` classes, and a hook on the gradient of their output), the heap's free pages
+    go back to the system (`malloc_trim`) when the resident set has grown by more than `slack` bytes
+    since the last time. Every page handed back
     is faulted in again when the heap reuses it, and faults are dear (2.6 us per 4 KiB page in this
     project's sandbox), so trimming at every block is too much. Blocks under 64 MiB come from the heap
     (a fixed mmap threshold), where they are reused without faults. A 1B Llama on an nf4 base
@@ -233,12 +234,13 @@ def hold_heap_down(model: torch.nn.Module, slack: int = 128 << 20) -> list:
     for module in model.modules():
         names.update(getattr(module, "_no_split_modules", None) or ())
     blocks = [m for m in model.modules() if type(m).__name__ in names]
-    last_trim = {"resident": _resident_bytes()}
+    resident_after_trim = _resident_bytes()
 
     def trim(*_):
-        if _resident_bytes() - last_trim["resident"] > slack:
+        nonlocal resident_after_trim
+        if _resident_bytes() - resident_after_trim > slack:
             libc.malloc_trim(0)
-            last_trim["resident"] = _resident_bytes()
+            resident_after_trim = _resident_bytes()
 
     def trim_before_backward(module, args, output):
         # The gradient of a block's output arrives just before the block's backward (and, under
