@@ -6,6 +6,8 @@ import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.checkpoint import checkpoint
 
 from loraforge.layers import LoraConv, LoraEmbedding, LoraLinear
 
@@ -59,6 +61,20 @@ def test_linear_without_autograd_handles_a_non_contiguous_base_output():
         torch.testing.assert_close(layer(x), base(x) + (8 / 4) * x @ A.T @ B.T)
 
 
+def runs_fused_update(out: torch.Tensor) -> bool:
+    """Whether `out`'s autograd graph holds the fused adapter update (`kernels.LoraUpdate`)."""
+    seen, todo = set(), [out.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ == "LoraUpdateBackward":
+            return True
+        todo.extend(next_node for next_node, _ in node.next_functions)
+    return False
+
+
 def _training_reference(layer, x, weight, p=0.0, seed=1):
     """Output and gradients (x, A, B) of the formula, by plain autograd on copies of the parameters
     (with LoRA dropout p, its mask drawn after seeding the global generator with `seed`)."""
@@ -75,7 +91,7 @@ def _training_reference(layer, x, weight, p=0.0, seed=1):
 
 @pytest.mark.parametrize("bias,dropout", [(True, 0.0), (False, 0.0), (True, 0.5)])
 def test_linear_training_path_matches_autograd_reference(bias, dropout):
-    # While training a frozen nn.Linear, the layer runs its own backward (LinearWithLora): output and
+    # While training a frozen nn.Linear, the adapter runs its own backward (LoraUpdate): output and
     # all three gradients must equal plain autograd on the formula, LoRA dropout included.
     torch.manual_seed(0)
     base = nn.Linear(6, 5, bias=bias).double().requires_grad_(False)
@@ -86,7 +102,7 @@ def test_linear_training_path_matches_autograd_reference(bias, dropout):
     x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
     torch.manual_seed(1)
     out = layer(x)
-    assert type(out.grad_fn).__name__.startswith("LinearWithLora")
+    assert runs_fused_update(out)
     out.pow(2).sum().backward()
     ref_out, ref_dx, ref_dA, ref_dB = _training_reference(layer, x, 0.25, dropout)
     torch.testing.assert_close(out, ref_out)
@@ -105,12 +121,65 @@ def test_linear_training_path_is_skipped_where_it_would_be_wrong():
     layer(x).sum().backward()
     assert base.weight.grad is not None
     base.requires_grad_(False)
-    assert type(layer(x).grad_fn).__name__.startswith("LinearWithLora")
+    assert runs_fused_update(layer(x))
     base.register_forward_hook(lambda module, args, output: output * 2)
     out = layer(x)
+    assert not runs_fused_update(out)
     torch.testing.assert_close(
         out, 2 * base.forward(x) + layer.scaling["a"] * x @ layer.lora_A["a"].T @ layer.lora_B["a"].T
     )
+
+
+class _SubclassedLinear(nn.Linear):
+    """Not exactly `nn.Linear`: its layers take the generic training path, not the fused update."""
+
+
+class _ProductShapes(TorchDispatchMode):
+    """(rows, inner, columns) of each matrix product run while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm):
+            a, b = args[-2:]
+            self.shapes.append((a.shape[0], a.shape[1], b.shape[1]))
+        return out
+
+
+@pytest.mark.parametrize("linear", [nn.Linear, _SubclassedLinear])
+def test_checkpoint_recompute_skips_the_blocks_last_frozen_product(linear):
+    # Adapters go first and the frozen product last, so a checkpointed block's recomputation stops
+    # before its final projection (whose output no gradient needs): the up projection's frozen
+    # product (6 x 5 times 5 x 10) is recomputed in the backward pass, the down projection's
+    # (6 x 10 times 10 x 7) never. The
+    # gradients are those of the same block without checkpointing.
+    torch.manual_seed(0)
+    up = make(LoraLinear, linear(5, 10).requires_grad_(False))
+    down = make(LoraLinear, linear(10, 7).requires_grad_(False))
+    assert runs_fused_update(down(torch.randn(6, 10))) == (linear is nn.Linear)
+
+    def block(x):
+        return down(F.silu(up(x)))
+
+    x = torch.randn(2, 3, 5, requires_grad=True)
+    plain = block(x)
+    plain.pow(2).sum().backward()
+    expected = [t.grad.clone() for t in (x, up.lora_A["a"], up.lora_B["a"], down.lora_A["a"])]
+    for t in (x, up.lora_A["a"], up.lora_B["a"], down.lora_A["a"]):
+        t.grad = None
+    out = checkpoint(block, x, use_reentrant=False)
+    torch.testing.assert_close(out, plain)
+    loss = out.pow(2).sum()
+    with _ProductShapes() as products:
+        loss.backward()
+    assert (6, 5, 10) in products.shapes  # the recomputation ran
+    assert (6, 10, 7) not in products.shapes
+    got = [t.grad for t in (x, up.lora_A["a"], up.lora_B["a"], down.lora_A["a"])]
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)
 
 
 def test_rslora_scaling():

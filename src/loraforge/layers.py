@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraforge.errors import UserError
-from loraforge.kernels import LinearWithLora
+from loraforge.kernels import LoraUpdate
 from loraforge.quant import avoid_broken_cpu_repack, dequantize_weight, is_quantized, reusing_linear
 
 
@@ -275,22 +275,36 @@ class LoraLayer(nn.Module):
     # -- forward -----------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self._base_forward(x, *args, **kwargs)
         if self.disabled:
-            return result
+            return self._base_forward(x, *args, **kwargs)
         if self.batch_index is not None:
-            return self._add_mixed(x, result)
+            return self._add_mixed(x, self._base_forward(x, *args, **kwargs))
+        adapters = [(name, weight) for name, weight in self.active if name not in self.merged]
+        if torch.is_grad_enabled() and not any(self.is_dora(name) for name, _ in adapters):
+            return self._adapters_then_base(x, adapters, *args, **kwargs)
+        result = self._base_forward(x, *args, **kwargs)
         base = result
-        if len(self.active) > 1 and self.lora_magnitude_vector:
+        if len(adapters) > 1 and self.lora_magnitude_vector:
             base = result.clone()  # DoRA reads the base output; other adapters may add into result in place
-        for name, weight in self.active:
-            if name in self.merged:
-                continue
+        for name, weight in adapters:
             if self.is_dora(name):
                 result = self._dora_forward(x, name, weight, result, base)
             else:
                 result = self._lora_forward(x, name, self.scaling[name] * weight, result)
         return result
+
+    def _adapters_then_base(self, x, adapters, *args, **kwargs):
+        """Training: the adapters' update first, the frozen base product last. Activation checkpointing
+        recomputes a block in the backward pass only up to the last tensor its backward saved, and a
+        frozen product saves (its weight, at most) before it runs: so a block's final projection (an
+        MLP's down projection: a quarter of a Llama block's arithmetic), whose output no gradient
+        needs, is not recomputed at all."""
+        update = None
+        for name, weight in adapters:
+            part = self._lora_forward(x, name, self.scaling[name] * weight)
+            update = part if update is None else update + part
+        result = self._base_forward(x, *args, **kwargs)
+        return result if update is None else result + update.to(result.dtype)
 
     def _base_forward(self, x, *args, **kwargs):
         """The base layer's output; a quantized base in CPU training reuses one dequantization buffer."""
@@ -314,7 +328,7 @@ class LoraLayer(nn.Module):
         else:
             h = dropout(h)
             plain = self._base_no_bias(h)  # as PEFT: W x on the dropped-out input
-        lora = self._lora_forward(h, name, self.scaling[name], 0, dropout=False)
+        lora = self._lora_forward(h, name, self.scaling[name], dropout=False)
         part = (f - 1) * plain + f * lora
         if weight != 1:
             part = part * weight
@@ -331,7 +345,9 @@ class LoraLayer(nn.Module):
     def _base_no_bias(self, h: torch.Tensor) -> torch.Tensor:  # pragma: no cover - per layer kind
         raise NotImplementedError
 
-    def _lora_forward(self, x, name, scale, result):  # pragma: no cover - abstract
+    def _lora_forward(self, x, name, scale, result=None, dropout=True):  # pragma: no cover - abstract
+        """`result` plus adapter `name`'s update ``scale·B A dropout(x)``; the update alone (in the adapter's
+        dtype) when `result` is None."""
         raise NotImplementedError
 
     def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -400,7 +416,7 @@ class LoraLayer(nn.Module):
                     continue
                 if self.is_dora(name):
                     raise UserError(dora_mixed_error(name))
-                part = self._lora_forward(x[rows], name, self.scaling[name] * weight, 0)
+                part = self._lora_forward(x[rows], name, self.scaling[name] * weight)
                 if out is None:
                     out = x.new_zeros((x.shape[0], *part.shape[1:]), dtype=part.dtype)
                 out = out.index_add(0, rows, part)
@@ -444,9 +460,13 @@ class LoraLinear(LoraLayer):
         fused = None if args or kwargs else self.fused_args(x, dropout_ok=True)
         if fused is None:
             return super().forward(x, *args, **kwargs)
+        weight, bias, A, B, scale = fused
         dropout = self.lora_dropout[self.active[0][0]]
-        h = None if type(dropout) is nn.Identity else dropout(x)
-        return LinearWithLora.apply(x, h, *fused)
+        h = x if type(dropout) is nn.Identity else dropout(x)
+        update = LoraUpdate.apply(h.reshape(-1, self.in_features), A, B, scale, bias)
+        # The frozen product last, added into the update (why last: `_adapters_then_base`).
+        out = torch.addmm(update, x.reshape(-1, self.in_features), weight.T)
+        return out.view(*x.shape[:-1], self.out_features)
 
     def fused_args(self, x: torch.Tensor, dropout_ok: bool = False) -> tuple | None:
         """(W, b, A, B, scale) for the fused training kernels (`loraforge.kernels`), or None where they do
@@ -477,7 +497,7 @@ class LoraLinear(LoraLayer):
             return None
         return base.weight, base.bias, self.lora_A[name], self.lora_B[name], self.scaling[name] * weight
 
-    def _lora_forward(self, x, name, scale, result, dropout=True):
+    def _lora_forward(self, x, name, scale, result=None, dropout=True):
         A, B = self.lora_A[name], self.lora_B[name]
         h = x if x.dtype == A.dtype else x.to(A.dtype)
         if dropout and type(self.lora_dropout[name]) is not nn.Identity:  # p = 0: skip a module call
@@ -494,9 +514,8 @@ class LoraLinear(LoraLayer):
             return torch.addmm(flat, xa, B.T, alpha=scale).view(result.shape)
         # The scale goes on the rank-r product: on the (tokens x out) one it would cost a pass and a
         # full-size temporary, forward and backward.
-        return result + (((h @ A.T) * scale) @ B.T).to(
-            result.dtype if isinstance(result, torch.Tensor) else B.dtype
-        )
+        update = ((h @ A.T) * scale) @ B.T
+        return update if result is None else result + update.to(result.dtype)
 
     def _add_mixed(self, x, result):
         A_T, B_T = self.stacked()  # (slots, in, r), (slots, r, out)
@@ -553,7 +572,7 @@ class LoraConv(LoraLayer):
         h, padding = self._padded(h)
         return self._conv(h, self.base_weight().to(h.dtype), None, conv.stride, padding, conv.dilation)
 
-    def _lora_forward(self, x, name, scale, result, dropout=True):
+    def _lora_forward(self, x, name, scale, result=None, dropout=True):
         A, B = self.lora_A[name], self.lora_B[name]
         conv = self.base_layer
         x, padding = self._padded(x)
@@ -562,7 +581,7 @@ class LoraConv(LoraLayer):
             h = self.lora_dropout[name](h)
         h = self._conv(h, A, None, conv.stride, padding, conv.dilation)
         out = self._conv(h, B) * scale
-        return result + (out.to(result.dtype) if isinstance(result, torch.Tensor) else out)
+        return out if result is None else result + out.to(result.dtype)
 
 
 class LoraEmbedding(LoraLayer):
@@ -584,11 +603,11 @@ class LoraEmbedding(LoraLayer):
         e = self.base_layer
         return F.embedding(ids, A_T, e.padding_idx, e.max_norm, e.norm_type, e.scale_grad_by_freq, e.sparse)
 
-    def _lora_forward(self, x, name, scale, result, dropout=True):
+    def _lora_forward(self, x, name, scale, result=None, dropout=True):
         # No dropout on token ids; PEFT does the same for embeddings.
         A, B = self.lora_A[name], self.lora_B[name]
         out = self._lookup(x, A.T) @ B.T * scale
-        return result + (out.to(result.dtype) if isinstance(result, torch.Tensor) else out)
+        return out if result is None else result + out.to(result.dtype)
 
     def _mixed_forward(self, x):
         A_T, B_T = self.stacked()  # (slots, vocab, r), (slots, r, dim)
