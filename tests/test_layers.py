@@ -130,6 +130,20 @@ def test_linear_training_path_is_skipped_where_it_would_be_wrong():
     )
 
 
+def test_training_forward_leaves_an_output_a_base_hook_kept_unchanged():
+    # The update is added into the base output in place only where nothing else can hold that
+    # output: a forward hook that keeps it must see the base layer's own result.
+    base = nn.Linear(6, 5, bias=False).to(torch.bfloat16).requires_grad_(False)  # float32 adapter
+    layer = make(LoraLinear, base)
+    kept = []
+    base.register_forward_hook(lambda module, args, output: kept.append(output))
+    x = torch.randn(2, 3, 6, dtype=torch.bfloat16, requires_grad=True)
+    out = layer(x)
+    with torch.no_grad():
+        assert torch.equal(kept[0], F.linear(x, base.weight))
+        assert not torch.equal(out, kept[0])
+
+
 class _SubclassedLinear(nn.Linear):
     """Not exactly `nn.Linear`: its layers take the generic training path, not the fused update."""
 
@@ -143,7 +157,7 @@ class _ProductShapes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
             a, b = args[-2:]
             self.shapes.append((a.shape[0], a.shape[1], b.shape[1]))
         return out

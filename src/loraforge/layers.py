@@ -304,7 +304,19 @@ class LoraLayer(nn.Module):
             part = self._lora_forward(x, name, self.scaling[name] * weight)
             update = part if update is None else update + part
         result = self._base_forward(x, *args, **kwargs)
-        return result if update is None else result + update.to(result.dtype)
+        if update is None:
+            return result
+        update = update.to(result.dtype)
+        return result.add_(update) if self._base_output_is_fresh() else result + update
+
+    def _base_output_is_fresh(self) -> bool:
+        """Whether the base layer's output is new memory that nothing else holds, so that the update may
+        be added into it (one full-size allocation fewer): a plain `nn.Linear` or a bitsandbytes layer,
+        without hooks that could have kept the output."""
+        base = self.base_layer
+        return (type(base) is nn.Linear or self.quantized) and not (
+            base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook")
+        )
 
     def _base_forward(self, x, *args, **kwargs):
         """The base layer's output; a quantized base in CPU training reuses one dequantization buffer."""
@@ -464,9 +476,9 @@ class LoraLinear(LoraLayer):
         dropout = self.lora_dropout[self.active[0][0]]
         h = x if type(dropout) is nn.Identity else dropout(x)
         update = LoraUpdate.apply(h.reshape(-1, self.in_features), A, B, scale, bias)
-        # The frozen product last, added into the update (why last: `_adapters_then_base`).
-        out = torch.addmm(update, x.reshape(-1, self.in_features), weight.T)
-        return out.view(*x.shape[:-1], self.out_features)
+        # The frozen product last (why: `_adapters_then_base`), added into the update's own memory.
+        update.addmm_(x.reshape(-1, self.in_features), weight.T)
+        return update.view(*x.shape[:-1], self.out_features)
 
     def fused_args(self, x: torch.Tensor, dropout_ok: bool = False) -> tuple | None:
         """(W, b, A, B, scale) for the fused training kernels (`loraforge.kernels`), or None where they do
