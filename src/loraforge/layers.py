@@ -303,28 +303,27 @@ class LoraLayer(nn.Module):
         for name, weight in adapters:
             part = self._lora_forward(x, name, self.scaling[name] * weight)
             update = part if update is None else update + part
-        result = self._base_forward(x, *args, **kwargs)
+        result, fresh = self._fresh_base_forward(x, *args, **kwargs)
         if update is None:
             return result
         update = update.to(result.dtype)
-        return result.add_(update) if self._base_output_is_fresh() else result + update
-
-    def _base_output_is_fresh(self) -> bool:
-        """Whether the base layer's output is new memory that nothing else holds, so that the update may
-        be added into it (one full-size allocation fewer): a plain `nn.Linear` or a bitsandbytes layer,
-        without hooks that could have kept the output."""
-        base = self.base_layer
-        return (type(base) is nn.Linear or self.quantized) and not (
-            base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook")
-        )
+        return result.add_(update) if fresh else result + update  # in place: one allocation fewer
 
     def _base_forward(self, x, *args, **kwargs):
-        """The base layer's output; a quantized base in CPU training reuses one dequantization buffer."""
+        return self._fresh_base_forward(x, *args, **kwargs)[0]
+
+    def _fresh_base_forward(self, x, *args, **kwargs) -> tuple[torch.Tensor, bool]:
+        """The base layer's output, and whether it is new memory that nothing else holds (so that an
+        update may be added into it): a quantized base in CPU training reuses one dequantization
+        buffer (`quant.reusing_linear`), and a plain `nn.Linear` without hooks (which could keep the
+        output) returns a fresh tensor."""
+        base = self.base_layer
         if self.quantized and not args and not kwargs:
-            reused = reusing_linear(self.base_layer, x)
+            reused = reusing_linear(base, x)
             if reused is not None:
-                return reused
-        return self.base_layer(x, *args, **kwargs)
+                return reused, True
+        hooked = base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook")
+        return base(x, *args, **kwargs), type(base) is nn.Linear and not hooked
 
     def _dora_forward(self, x, name, weight, result, base):
         """`result` plus DoRA adapter `name`'s part at user weight `weight` (which scales the whole part:
