@@ -144,6 +144,65 @@ def test_training_forward_leaves_an_output_a_base_hook_kept_unchanged():
         assert not torch.equal(out, kept[0])
 
 
+class _Casts(TorchDispatchMode):
+    """(shape, from dtype, to dtype) of each dtype conversion run while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.casts = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket is torch.ops.aten._to_copy:
+            self.casts.append((tuple(args[0].shape), args[0].dtype, out.dtype))
+        return out
+
+
+def test_layers_reading_one_input_cast_it_once_with_the_same_gradients():
+    # q, k and v read one bf16 input; their float32 adapters share one cast of it (forward and
+    # backward), and outputs and gradients are those of a cast per layer. An input changed in place
+    # in between is cast anew.
+    torch.manual_seed(0)
+    layers = [make(LoraLinear, nn.Linear(6, n, bias=False).to(torch.bfloat16).requires_grad_(False)) for n in (5, 3, 3)]
+    x = torch.randn(2, 4, 6, dtype=torch.bfloat16, requires_grad=True)
+    with _Casts() as seen:
+        outs = [layer(x) for layer in layers]
+    assert seen.casts.count(((2, 4, 6), torch.bfloat16, torch.float32)) == 1
+    sum(o.float().pow(2).sum() for o in outs).backward()
+
+    def reference(shared: bool):
+        ref_x = x.detach().clone().requires_grad_(True)
+        h = ref_x.to(torch.float32)
+        refs = []
+        for layer in layers:
+            A = layer.lora_A["a"].detach().clone().requires_grad_(True)
+            B = layer.lora_B["a"].detach().clone().requires_grad_(True)
+            update = ((h if shared else ref_x.to(torch.float32)) @ A.T * layer.scaling["a"]) @ B.T
+            refs.append((F.linear(ref_x, layer.base_layer.weight) + update.to(torch.bfloat16), A, B))
+        sum(o.float().pow(2).sum() for o, _, _ in refs).backward()
+        return refs, ref_x.grad
+
+    refs, ref_dx = reference(shared=True)
+    for layer, out, (ref_out, A, B) in zip(layers, outs, refs):
+        torch.testing.assert_close(out, ref_out)
+        torch.testing.assert_close(layer.lora_A["a"].grad, A.grad)
+        torch.testing.assert_close(layer.lora_B["a"].grad, B.grad)
+    torch.testing.assert_close(x.grad, ref_dx)
+    # A cast per layer adds the three input gradients in bfloat16 instead: the same within its rounding.
+    _, separate_dx = reference(shared=False)
+    torch.testing.assert_close(x.grad, separate_dx, atol=2**-6 * separate_dx.abs().max().item(), rtol=0)
+
+    y = torch.randn(2, 4, 6, dtype=torch.bfloat16)
+    first = layers[0](y)
+    y.mul_(2)
+    with torch.no_grad():
+        expected = layers[1].base_layer(y) + (
+            (y.float() @ layers[1].lora_A["a"].T * layers[1].scaling["a"]) @ layers[1].lora_B["a"].T
+        ).to(torch.bfloat16)
+    torch.testing.assert_close(layers[1](y), expected)
+    assert first.shape == (2, 4, 5)
+
+
 class _SubclassedLinear(nn.Linear):
     """Not exactly `nn.Linear`: its layers take the generic training path, not the fused update."""
 

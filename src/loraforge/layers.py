@@ -22,6 +22,8 @@ pass and the cost does not grow with the number of adapters in the batch.
 from __future__ import annotations
 
 import math
+import threading
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -447,6 +449,37 @@ def _may_add_in_place(result: torch.Tensor, dtype: torch.dtype) -> bool:
     return not torch.is_grad_enabled() and result.dtype == dtype and result.is_contiguous()
 
 
+class _LastCast(threading.local):
+    source = None  # weak reference to the tensor cast last
+    version = -1  # its version counter then
+    cast: torch.Tensor | None = None
+
+
+_LAST_CAST = _LastCast()
+
+
+def adapter_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x in the adapter's dtype. While autograd records, the last cast is reused for the same,
+    unmodified tensor: the q, k and v projections (gate and up) read one input, which a bf16 or
+    quantized base with a float32 adapter would otherwise copy three (two) times forward and again
+    backward; the gradients of a shared cast add up in float32 and are cast back once."""
+    if x.dtype == dtype:
+        return x
+    if not torch.is_grad_enabled():
+        return x.to(dtype)
+    last = _LAST_CAST
+    if (
+        last.cast is not None
+        and last.cast.dtype == dtype
+        and last.source() is x
+        and last.version == x._version
+    ):
+        return last.cast
+    cast = x.to(dtype)
+    last.source, last.version, last.cast = weakref.ref(x), x._version, cast
+    return cast
+
+
 class LoraLinear(LoraLayer):
     """LoRA on `nn.Linear`, or on transformers' GPT-2 `Conv1D` (weight stored (in, out))."""
 
@@ -510,7 +543,7 @@ class LoraLinear(LoraLayer):
 
     def _lora_forward(self, x, name, scale, result=None, dropout=True):
         A, B = self.lora_A[name], self.lora_B[name]
-        h = x if x.dtype == A.dtype else x.to(A.dtype)
+        h = adapter_input(x, A.dtype)
         if dropout and type(self.lora_dropout[name]) is not nn.Identity:  # p = 0: skip a module call
             h = self.lora_dropout[name](h)
         if isinstance(result, torch.Tensor) and result.dtype == A.dtype:
