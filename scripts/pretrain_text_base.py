@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))  # make_text_data, the generator of the pretraining text
 DEFAULT_CORPUS = ROOT / "build" / "text" / "corpus.txt"
 DEFAULT_OUT = ROOT / "src" / "loraforge" / "bases" / "tiny-llama"
 
@@ -174,7 +175,6 @@ def _loss_positions(offsets: list, start: int, end: int) -> list[int]:
 def echo_ratio(model, tokenizer, n: int = 100, seed: int = 12345) -> float:
     """Mean loss on a list of 6-12 random words said the second time (`Words: <list>. Again: <list>.`)
     over its loss the first time: about 1 without in-context copying, near 0 with it."""
-    sys.path.insert(0, str(ROOT / "scripts"))
     from make_text_data import all_words
 
     vocab, rng = all_words(), random.Random(seed)
@@ -289,7 +289,6 @@ def main() -> None:
 
     copy_rows = None
     if args.copy_warmup_minutes > 0:
-        sys.path.insert(0, str(ROOT / "scripts"))
         from make_text_data import repeat
 
         rng = random.Random(args.seed + 7)
