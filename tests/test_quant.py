@@ -148,6 +148,34 @@ def test_adamw8bit_steps_the_adapter():
     assert losses[-1] < losses[0]
 
 
+def test_training_refuses_a_4bit_layer_repacked_for_inference_and_keeps_the_training_kernel(base_dir):
+    # On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit layer for its inference kernel at an
+    # eval-mode forward and from then on uses that kernel, which has no backward, in training too: the
+    # gradient reaching the layer's input would be silently dropped. Training such a layer is refused
+    # (the repack is simulated here, so that this runs on any CPU); keep_4bit_training_kernel stops it.
+    from loraforge.quant import keep_4bit_training_kernel, quant_kind, repacked_for_cpu_inference
+
+    model = get_lora_model(load(base_dir, "nf4"), LoraConfig(r=4, target_modules="all-linear"))
+    model.train()
+    layer = model.model.model.layers[1].self_attn.q_proj.base_layer
+    ids = torch.randint(0, 128, (2, 6))
+    layer.weight.quant_state.packing_format_for_cpu = True
+    with pytest.raises(UserError, match="repacked by bitsandbytes"):
+        model(input_ids=ids)
+    with torch.no_grad():
+        model(input_ids=ids)  # inference may use it
+    layer.weight.quant_state.packing_format_for_cpu = False
+
+    keep_4bit_training_kernel(model)
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    four_bit = [m for m in model.modules() if quant_kind(m) == "4bit"]
+    assert four_bit and not any(repacked_for_cpu_inference(m) for m in four_bit)
+    model.train()
+    model(input_ids=ids).logits.sum().backward()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_4bit_training_forward_reuses_one_buffer_and_matches_bitsandbytes(dtype):
     """In CPU training a 4-bit base layer is dequantized into a reused buffer: same output and input

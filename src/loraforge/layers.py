@@ -31,7 +31,13 @@ from torch import nn
 
 from loraforge.errors import UserError
 from loraforge.kernels import LoraUpdate
-from loraforge.quant import avoid_broken_cpu_repack, dequantize_weight, is_quantized, reusing_linear
+from loraforge.quant import (
+    avoid_broken_cpu_repack,
+    dequantize_weight,
+    is_quantized,
+    repacked_for_cpu_inference,
+    reusing_linear,
+)
 
 
 def is_gpt2_conv1d(module: nn.Module) -> bool:
@@ -324,6 +330,13 @@ class LoraLayer(nn.Module):
             reused = reusing_linear(base, x)
             if reused is not None:
                 return reused, True
+        if self.quantized and torch.is_grad_enabled() and x.requires_grad and repacked_for_cpu_inference(base):
+            raise UserError(
+                "a 4-bit layer was repacked by bitsandbytes for its CPU inference kernel (at an eval-mode "
+                "forward), which has no backward pass: gradients through it would be silently wrong. "
+                "Call loraforge.quant.keep_4bit_training_kernel(model) right after loading a model you "
+                "will train (`loraforge train` does), or reload it"
+            )
         hooked = base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook")
         return base(x, *args, **kwargs), type(base) is nn.Linear and not hooked
 

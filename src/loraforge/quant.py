@@ -79,6 +79,23 @@ def avoid_broken_cpu_repack(module: nn.Module) -> None:
         module.support_avx512bf16_for_cpu = False
 
 
+def repacked_for_cpu_inference(module: nn.Module) -> bool:
+    """Whether bitsandbytes has repacked this 4-bit layer for its AVX512-BF16 CPU inference kernel, which
+    it then uses for every call, with autograd on or not: that kernel has no backward pass, so no
+    gradient reaches the layer's input through it."""
+    state = getattr(getattr(module, "weight", None), "quant_state", None)
+    return bool(getattr(state, "packing_format_for_cpu", False))
+
+
+def keep_4bit_training_kernel(model: nn.Module) -> None:
+    """Stops bitsandbytes from repacking `model`'s 4-bit layers for its CPU inference kernel (which it
+    does at the first eval-mode forward, such as a training run's evaluation), so that training keeps
+    a kernel with a backward pass (`repacked_for_cpu_inference`)."""
+    for module in model.modules():
+        if quant_kind(module) == "4bit":
+            module.support_avx512bf16_for_cpu = False
+
+
 def quant_kind(module: nn.Module) -> str | None:
     """ "4bit", "8bit" or None."""
     if not is_quantized(module):

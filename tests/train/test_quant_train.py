@@ -1,6 +1,8 @@
 """QLoRA end to end on CPU: train on the embedded tiny-llama quantized to 4 bits and to 8 bits, see the
 held-out loss fall, then load the adapter on the full-precision base."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -24,23 +26,28 @@ def heldout_loss(model, tokenizer) -> float:
     "quantize, optimizer", [("nf4", "adamw"), ("int8", "adamw8bit")], ids=["nf4", "int8-adamw8bit"]
 )
 def test_train_on_quantized_base_then_load_on_full_precision(quantize, optimizer, tmp_path, capsys):
-    result = train_text(
-        TextTrainConfig(
-            output_dir=str(tmp_path / "run"),
-            quantize=quantize,
-            optimizer=optimizer,
-            loraplus_lr_ratio=4.0,
-            max_steps=12,
-            warmup_steps=2,
-            batch_size=8,
-            eval_every=12,  # before training and at the end
-            save_every=0,
-            sample_max_new_tokens=2,
-            threads=1,
-            progress_bar=False,
-            tensorboard=False,
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = train_text(
+            TextTrainConfig(
+                output_dir=str(tmp_path / "run"),
+                quantize=quantize,
+                optimizer=optimizer,
+                loraplus_lr_ratio=4.0,
+                max_steps=12,
+                warmup_steps=2,
+                batch_size=8,
+                eval_every=12,  # before training and at the end
+                save_every=0,
+                sample_max_new_tokens=2,
+                threads=1,
+                progress_bar=False,
+                tensorboard=False,
+            )
         )
-    )
+    # The evaluation before training must not switch bitsandbytes to its inference kernel, through
+    # which no gradient would flow (autograd warns when it backpropagates into such a kernel).
+    assert not [w for w in caught if "backprop through it" in str(w.message)]
     assert f"linear layers quantized {quantize}" in capsys.readouterr().out
     evals = [row["eval_loss"] for row in result.history if row["eval_loss"] is not None]
     assert len(evals) == 2 and evals[-1] < evals[0] - 0.3, evals
