@@ -144,18 +144,29 @@ def test_training_forward_leaves_an_output_a_base_hook_kept_unchanged():
         assert not torch.equal(out, kept[0])
 
 
-class _Casts(TorchDispatchMode):
-    """(shape, from dtype, to dtype) of each dtype conversion run while active."""
+class _Ops(TorchDispatchMode):
+    """The aten ops run while active, each as (name, args, output)."""
 
     def __init__(self):
         super().__init__()
-        self.casts = []
+        self.ran = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func.overloadpacket is torch.ops.aten._to_copy:
-            self.casts.append((tuple(args[0].shape), args[0].dtype, out.dtype))
+        self.ran.append((func.overloadpacket.__name__, args, out))
         return out
+
+    def casts(self) -> list[tuple]:
+        """(shape, from dtype, to dtype) of each dtype conversion."""
+        return [(tuple(a[0].shape), a[0].dtype, out.dtype) for name, a, out in self.ran if name == "_to_copy"]
+
+    def products(self) -> list[tuple[int, int, int]]:
+        """(rows, inner, columns) of each matrix product."""
+        return [
+            (a[-2].shape[0], a[-2].shape[1], a[-1].shape[1])
+            for name, a, _ in self.ran
+            if name in ("mm", "addmm", "addmm_")
+        ]
 
 
 def test_layers_reading_one_input_cast_it_once_with_the_same_gradients():
@@ -163,11 +174,14 @@ def test_layers_reading_one_input_cast_it_once_with_the_same_gradients():
     # backward), and outputs and gradients are those of a cast per layer. An input changed in place
     # in between is cast anew.
     torch.manual_seed(0)
-    layers = [make(LoraLinear, nn.Linear(6, n, bias=False).to(torch.bfloat16).requires_grad_(False)) for n in (5, 3, 3)]
+    layers = [
+        make(LoraLinear, nn.Linear(6, n, bias=False).to(torch.bfloat16).requires_grad_(False))
+        for n in (5, 3, 3)
+    ]
     x = torch.randn(2, 4, 6, dtype=torch.bfloat16, requires_grad=True)
-    with _Casts() as seen:
+    with _Ops() as seen:
         outs = [layer(x) for layer in layers]
-    assert seen.casts.count(((2, 4, 6), torch.bfloat16, torch.float32)) == 1
+    assert seen.casts().count(((2, 4, 6), torch.bfloat16, torch.float32)) == 1
     sum(o.float().pow(2).sum() for o in outs).backward()
 
     def reference(shared: bool):
@@ -207,21 +221,6 @@ class _SubclassedLinear(nn.Linear):
     """Not exactly `nn.Linear`: its layers take the generic training path, not the fused update."""
 
 
-class _ProductShapes(TorchDispatchMode):
-    """(rows, inner, columns) of each matrix product run while active."""
-
-    def __init__(self):
-        super().__init__()
-        self.shapes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
-            a, b = args[-2:]
-            self.shapes.append((a.shape[0], a.shape[1], b.shape[1]))
-        return out
-
-
 @pytest.mark.parametrize("linear", [nn.Linear, _SubclassedLinear])
 def test_checkpoint_recompute_skips_the_blocks_last_frozen_product(linear):
     # Adapters go first and the frozen product last, so a checkpointed block's recomputation stops
@@ -246,10 +245,10 @@ def test_checkpoint_recompute_skips_the_blocks_last_frozen_product(linear):
     out = checkpoint(block, x, use_reentrant=False)
     torch.testing.assert_close(out, plain)
     loss = out.pow(2).sum()
-    with _ProductShapes() as products:
+    with _Ops() as seen:
         loss.backward()
-    assert (6, 5, 10) in products.shapes  # the recomputation ran
-    assert (6, 10, 7) not in products.shapes
+    assert (6, 5, 10) in seen.products()  # the recomputation ran
+    assert (6, 10, 7) not in seen.products()
     got = [t.grad for t in (x, up.lora_A["a"], up.lora_B["a"], down.lora_A["a"])]
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e)

@@ -330,7 +330,12 @@ class LoraLayer(nn.Module):
             reused = reusing_linear(base, x)
             if reused is not None:
                 return reused, True
-        if self.quantized and torch.is_grad_enabled() and x.requires_grad and repacked_for_cpu_inference(base):
+        if (
+            self.quantized
+            and torch.is_grad_enabled()
+            and x.requires_grad
+            and repacked_for_cpu_inference(base)
+        ):
             raise UserError(
                 "a 4-bit layer was repacked by bitsandbytes for its CPU inference kernel (at an eval-mode "
                 "forward), which has no backward pass: gradients through it would be silently wrong. "
