@@ -8,7 +8,7 @@ Autograd's generic backward is correct but, for a frozen layer plus a rank-r ada
   (tokens x intermediate) activations per layer alive until the backward pass.
 
 `LoraUpdate` computes one adapter's update with every product in the fast orientation; the layer then
-adds the frozen product last (see `LoraLinear.forward` for why last). `GatedMLPWithLora` runs a whole
+adds the frozen product last (why last: `LoraLayer._adapters_then_base`). `GatedMLPWithLora` runs a whole
 gated MLP whose three projections carry adapters, keeping only ``gate`` and ``up`` and recomputing
 the rest (elementwise) in the backward pass: half the MLP's activation memory, and no slower. Both
 are used only while autograd is recording, for plain float `nn.Linear` bases (not quantized ones, not
