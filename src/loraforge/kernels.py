@@ -25,18 +25,18 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def lora_linear(x, weight, bias, A, B, scale, h=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x Wᵀ + b + scale·(h Aᵀ) Bᵀ, h Aᵀ) for a 2-D x; h is the adapter's input, x itself by default."""
-    xa = (x if h is None else h) @ A.T
+def lora_linear(x, weight, bias, A, B, scale) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x Wᵀ + b + scale·(x Aᵀ) Bᵀ, x Aᵀ) for a 2-D x."""
+    xa = x @ A.T
     return F.linear(x, weight, bias).addmm_(xa, B.T, alpha=scale), xa
 
 
 def lora_linear_grads(grad, h, xa, weight, A, B, scale, need_dx=True, dx=None):
     """(input gradient, A gradient, B gradient) of `lora_linear` for a 2-D output gradient, where the
     adapter's input h is x itself; the input gradient is added into `dx` when given. With weight None
-    the input gradient is the adapter's part alone (the gradient reaching h)."""
+    the input gradient is the adapter's part alone (the gradient reaching h: `LoraUpdate`)."""
     gb = (grad @ B).mul_(scale)  # (N, r): the gradient reaching h Aᵀ
-    dA = gb.T @ h
+    dA = gb.T @ h  # not h.T @ gb: the skinny orientation is 3-4x slower on CPUs
     dB = ((xa.T * scale) @ grad).T
     if need_dx:
         if weight is not None:
@@ -54,19 +54,17 @@ class LoraUpdate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, A, B, scale, bias):  # h: (N, in) -> (N, out)
-        xs = (h @ A.T).mul_(scale)  # (N, r)
+        xa = h @ A.T  # (N, r)
+        xs = xa * scale
         out = xs @ B.T if bias is None else torch.addmm(bias, xs, B.T)
-        ctx.save_for_backward(h, xs, A, B)
+        ctx.save_for_backward(h, xa, A, B)
         ctx.scale = scale
         return out
 
     @staticmethod
     def backward(ctx, grad):  # grad: (N, out)
-        h, xs, A, B = ctx.saved_tensors
-        gb = (grad @ B).mul_(ctx.scale)  # (N, r): the gradient reaching h Aᵀ
-        dA = gb.T @ h  # not h.T @ gb: the skinny orientation is 3-4x slower on CPUs
-        dB = (xs.T @ grad).T
-        dh = gb @ A if ctx.needs_input_grad[0] else None
+        h, xa, A, B = ctx.saved_tensors
+        dh, dA, dB = lora_linear_grads(grad, h, xa, None, A, B, ctx.scale, ctx.needs_input_grad[0])
         return dh, dA, dB, None, None
 
 
