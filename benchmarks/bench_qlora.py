@@ -122,7 +122,7 @@ def run_one(lib: str, base: str, args) -> dict:
             from loraforge.runtime import return_freed_memory
 
             return_freed_memory()
-        from loraforge.runtime import load_text_model
+        from loraforge.runtime import load_text_model, prepare_4bit_cpu_training
         from loraforge.train.task import enable_activation_checkpointing
 
         model, _ = load_text_model(
@@ -131,10 +131,7 @@ def run_one(lib: str, base: str, args) -> dict:
         model.config.use_cache = False
         enable_activation_checkpointing(model)
         model = get_lora_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
-        if quantize == "nf4":  # what `loraforge train` does for a 4-bit base on CPU
-            from loraforge.runtime import hold_heap_down
-
-            hold_heap_down(model)
+        prepare_4bit_cpu_training(model)  # what `loraforge train` does (only for a 4-bit base on CPU)
     else:
         import peft
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig

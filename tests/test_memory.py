@@ -63,7 +63,7 @@ model = LlamaForCausalLM(config)
 ids = torch.randint(0, 100, (1, 8))
 expected = model(ids).logits
 handles = hold_heap_down(model, slack=slack_mb << 20)
-logits = model(ids).logits  # records the graph: the blocks' backward pre-hooks fire in backward
+logits = model(ids).logits  # records the graph: the hooks on the blocks' output gradients fire in backward
 big, small = [], []
 for _ in range(40):  # 2 MiB blocks (under the 64 MiB threshold: heap memory), 128 KiB live ones between
     big.append(torch.empty(2 << 18).fill_(1))
@@ -90,9 +90,9 @@ def trimmed(slack_mb: int, phase: str) -> tuple[int, bool, float]:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc and /proc are Linux's")
 @pytest.mark.parametrize("phase", ["forward", "backward"])
 def test_heap_is_trimmed_before_a_transformer_block_once_it_has_grown_by_the_slack(phase):
-    # A forward and a backward pre-hook per decoder layer; the model computes what it did; the 80 MiB
-    # freed inside the heap leave the process when the next block runs (forward) or when the backward
-    # pass reaches a block ...
+    # A forward pre-hook and a forward hook (which hooks the output's gradient) per decoder layer; the
+    # model computes what it did; the 80 MiB freed inside the heap leave the process when the next
+    # block runs (forward) or when the backward pass reaches a block ...
     hooks, same, released = trimmed(32, phase)
     assert hooks == 6 and same
     assert released > 60

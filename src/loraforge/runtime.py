@@ -218,9 +218,9 @@ def hold_heap_down(model: torch.nn.Module, slack: int = 128 << 20) -> list:
     Before each transformer block runs, forward and backward (a forward pre-hook on the model's
     ``_no_split_modules`` classes, and a hook on the gradient of their output), the heap's free pages
     go back to the system (`malloc_trim`) when the resident set has grown by more than `slack` bytes
-    since the last time. Every page handed back
-    is faulted in again when the heap reuses it, and faults are dear (2.6 us per 4 KiB page in this
-    project's sandbox), so trimming at every block is too much. Blocks under 64 MiB come from the heap
+    since the last time. Every page handed back is faulted in again when the heap reuses it, and
+    faults are dear (2.6 us per 4 KiB page in this project's sandbox), so trimming at every block is
+    too much. Blocks under 64 MiB come from the heap
     (a fixed mmap threshold), where they are reused without faults. A 1B Llama on an nf4 base
     (`benchmarks/bench_qlora.py`, 1 warmup + 3 steps): untrimmed 1.52 GB peak at 89 tokens/s; trimmed
     at every block 1.28 GB at 68; with the default 128 MiB slack 1.36 GB at 77. Not used for bf16
@@ -253,6 +253,18 @@ def hold_heap_down(model: torch.nn.Module, slack: int = 128 << 20) -> list:
     return [m.register_forward_pre_hook(trim) for m in blocks] + [
         m.register_forward_hook(trim_before_backward) for m in blocks
     ]
+
+
+def prepare_4bit_cpu_training(model: torch.nn.Module) -> None:
+    """What training `model` needs when its base is 4-bit and on CPU, and nothing otherwise: bitsandbytes
+    kept on its kernel with a backward pass (`quant.keep_4bit_training_kernel`) and glibc's heap held
+    near the live set (`hold_heap_down`; a 1B model's would keep ~0.25 GB of freed blocks)."""
+    from loraforge.quant import keep_4bit_training_kernel, model_quantization
+
+    if model_quantization(model) != "4bit" or any(p.device.type != "cpu" for p in model.parameters()):
+        return
+    keep_4bit_training_kernel(model)
+    hold_heap_down(model)
 
 
 def _resident_bytes() -> int:

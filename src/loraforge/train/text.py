@@ -35,8 +35,7 @@ from torch import nn
 
 from loraforge.data.text import IGNORE, Scan, TextDataset, prompt_and_reference, scan_text_file
 from loraforge.kernels import checkpointing
-from loraforge.quant import keep_4bit_training_kernel
-from loraforge.runtime import hold_heap_down, load_text_model
+from loraforge.runtime import load_text_model, prepare_4bit_cpu_training
 from loraforge.train.config import (
     TextTrainConfig,
     add_config_arguments,
@@ -366,9 +365,7 @@ class TextTask(Task):
         )
         self.lora = get_lora_model(model, lora_config)
         self.model = self.lora
-        if c.quantize in ("nf4", "fp4") and accelerator.device.type == "cpu":
-            keep_4bit_training_kernel(self.lora)  # evaluation would switch it to one without backward
-            hold_heap_down(self.lora)  # glibc's heap would keep ~0.25 GB of freed blocks on a 1B model
+        prepare_4bit_cpu_training(self.lora)
         trainable, total = self.lora.get_nb_trainable_parameters()
         targets = self.lora.peft_config["default"].target_modules
         targets = ", ".join(targets) if isinstance(targets, list) else targets
